@@ -1,0 +1,4 @@
+"""python -m kcompile"""
+from kcompile.cli import main
+
+main()
