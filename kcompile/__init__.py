@@ -8,9 +8,12 @@ Public API (CONTRACT.md): ``load``, ``cluster``, ``save``, ``export``, ``compile
 
 __version__ = "0.1.0"
 
+# `cluster` is both a submodule and the API function: bind the function eagerly, so that the
+# import system (which sets package.submodule on first import) can never shadow it later.
+from .cluster import cluster  # noqa: E402
+
 _LAZY = {
     "load": ("kcompile.loading", "load_model"),
-    "cluster": ("kcompile.cluster", "cluster"),
     "save": ("kcompile.checkpoint", "save"),
     "export": ("kcompile.export", "export"),
     "compile": ("kcompile.compiler", "compile_model"),

@@ -28,7 +28,7 @@ def run_demo(epochs: int = 3, console: Console | None = None, show_progress: boo
     from .loading import load_model
     from .report import inspect_model
 
-    console = console or Console()
+    console = console or Console(width=max(Console().width, 150))
     model = load_model("zoo:digits-resnet")
     train, test = load_dataset("digits")
     dense_acc = evaluate(model, test)

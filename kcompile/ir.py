@@ -248,6 +248,7 @@ class ClusteredWeight:
           counted as dense.
         - row: distinct (channel, row, centroid) 1-D products + O*C*kh*H'W' accumulations.
         - scalar: distinct (channel, tap, value) products + O*C*kh*kw*H'W' accumulations.
+        Where no shared form beats the dense conv, ``shared`` = ``dense`` and form "dense".
         """
         hw = out_hw[0] * out_hw[1]
         O = self.shape[0]
@@ -265,4 +266,6 @@ class ClusteredWeight:
             atc = self.distinct_per_group((0,)) * self.D * hw + accum
             if atc < cta:
                 best, form = atc, "add-then-conv"
+        if dense <= best:  # sharing does not pay here: a compiler runs the dense conv
+            best, form = dense, "dense"
         return {"dense": dense, "shared": best, "form": form}
