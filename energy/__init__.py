@@ -70,7 +70,7 @@ def layer_energy(spec: LayerSpec, table: EnergyTable, bw: int, bx: int,
                  flow: Dataflow = Dataflow(), with_dense: bool = True) -> LayerEnergy:
     """Every estimate of one layer; for a clustered layer also its dense counterpart."""
     acc = accesses(spec, bw, bx, flow)
-    ops = op_counts(spec)
+    ops = op_counts(spec, flow.factorise)
     d_eff = spec.D + (1 if spec.bias else 0)
     dense = None
     if spec.cw is not None and with_dense:
@@ -78,7 +78,7 @@ def layer_energy(spec: LayerSpec, table: EnergyTable, bw: int, bx: int,
                              table, bw, bx, flow, with_dense=False)
     return LayerEnergy(
         name=spec.name, kind=spec.kind, form=ops.form, macs=float(spec.batch * ops.macs),
-        dense_macs=float(spec.dense_macs), dkm=dkm_cost(spec, bw, bx), access=acc,
+        dense_macs=float(spec.dense_macs), dkm=dkm_cost(spec, bw, bx, flow.factorise), access=acc,
         eyeriss=table.normalised(acc), joules=table.joules(acc, bw, bx, adder_width(d_eff, bw, bx)),
         weight_bits=weight_bits(spec, bw), dense=dense if dense is not None else None,
     )
@@ -123,7 +123,8 @@ class EnergyReport:
             "input_shape": list(self.input_shape) if self.input_shape else None,
             "bits": {"weights": self.bits[0], "activations": self.bits[1]},
             "table": self.table.describe(),
-            "dataflow": {"out_tile": self.flow.out_tile, "in_tile": self.flow.in_tile},
+            "dataflow": {"out_tile": self.flow.out_tile, "in_tile": self.flow.in_tile,
+                         "factorise": self.flow.factorise},
             "layers": [l.as_dict() for l in self.layers],
             "not_modelled": [{"name": n.name, "kind": n.kind, "macs": n.macs} for n in self.not_modelled],
             "total": self.total,

@@ -1,0 +1,222 @@
+"""Layer suite for the TVM llvm shared-centroid kernel vs torch's dense conv (oneDNN).
+
+resnet18's 3x3 conv shapes (batch 1), clustered with KSE at q = 8 centroids per input
+channel (``kcompile.cluster(..., "kse", q=8)``); each layer is compiled by
+``kcompile.kernels.tvm_schedule.CompiledConv`` (target llvm, this CPU) and timed against
+``torch.nn.functional.conv2d`` with the decoded dense weight, in the same process, in
+alternating blocks of runs (two rounds each; TVM_NUM_THREADS=2, torch.set_num_threads(2)).
+``runs`` per round: each record holds 2*runs timings.
+
+Usage::
+
+    TVM_NUM_THREADS=2 python benchmarks/tvm_layers.py [--runs 50] [--warmup 10] \
+        [--json benchmarks/results/tvm_layers.json] [--only 256@14]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+# (name, C_in, C_out, H (input), stride)
+SHAPES = [
+    ("64@56", 64, 64, 56, 1),
+    ("128@28", 128, 128, 28, 1),
+    ("256@14", 256, 256, 14, 1),
+    ("512@7", 512, 512, 7, 1),
+    ("64->128@56/2", 64, 128, 56, 2),
+    ("128->256@28/2", 128, 256, 28, 2),
+    ("256->512@14/2", 256, 512, 14, 2),
+]
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        cpu = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
+    except OSError:
+        pass
+    import tvm
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "tvm": tvm.__version__, "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"),
+            "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()}
+
+
+def clustered_layer(C: int, O: int, stride: int, q: int = 8, seed: int = 0):
+    """A KSE-clustered 3x3 conv (q centroids per input channel) of the given shape."""
+    import kcompile
+
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(3, C, 1), nn.Conv2d(C, O, 3, stride=stride, padding=1, bias=False))
+    cm = kcompile.cluster(m, "kse", q=q)
+    return cm[1]
+
+
+def timed_blocks(f, runs: int, warmup: int) -> list[float]:
+    """``runs`` timings of f() after ``warmup`` calls, as one block. Blocks (not run-by-run
+    interleaving): TVM's and OpenMP's thread pools both spin after a task, and on 2 cores
+    interleaving makes each pool's spinning workers steal the other's cores. A pause
+    before each block lets the previous pool go idle."""
+    time.sleep(0.3)
+    for _ in range(warmup):
+        f()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+    return ts
+
+
+def stats(ts: list[float]) -> dict:
+    a = np.asarray(ts) * 1e3
+    return {"median_ms": float(np.median(a)), "min_ms": float(a.min()), "max_ms": float(a.max()), "runs": len(a)}
+
+
+def bench_layer(name, C, O, H, stride, runs, warmup, threads=2) -> dict:
+    import tvm
+
+    from kcompile.kernels.tvm_schedule import CompiledConv
+
+    layer = clustered_layer(C, O, stride)
+    cw = layer.clustered_weight().detached()
+    x = np.random.default_rng(0).standard_normal((1, C, H, H)).astype(np.float32)
+    t0 = time.perf_counter()
+    conv = CompiledConv(cw, None, stride, 1, 1, 1, x.shape, target="llvm", threads=threads)
+    build_s = time.perf_counter() - t0
+    dev = tvm.cpu()
+    out = tvm.runtime.empty(conv.spec.out_shape, "float32", dev)
+    args = [tvm.runtime.tensor(x, dev), *conv._consts, out]
+    fn = conv._fn
+    xt = torch.from_numpy(x)
+    wt = cw.decode().detach().contiguous()
+    with torch.inference_mode():
+        ref = F.conv2d(xt, wt, None, stride, 1).numpy()
+        fn(*args)
+        err = float(np.abs(out.numpy() - ref).max() / max(np.ptp(ref), 1e-12))
+        tk = timed_blocks(lambda: fn(*args), runs, warmup)
+        td = timed_blocks(lambda: F.conv2d(xt, wt, None, stride, 1), runs, warmup)
+        tk += timed_blocks(lambda: fn(*args), runs, warmup)  # second round: both see
+        td += timed_blocks(lambda: F.conv2d(xt, wt, None, stride, 1), runs, warmup)  # similar load
+    Ho = ref.shape[2]
+    hw = Ho * Ho
+    q = conv.arrays.meta.get("q", 0)
+    dense_macs = O * C * 9 * hw
+    shared_ops = C * q * 9 * hw + O * C * hw
+    k, d = stats(tk), stats(td)
+    return {
+        "model": "resnet18", "layer": name, "backend": "tvm-llvm", "batch": 1, "threads": threads,
+        **k, "dense_median_ms": d["median_ms"], "dense_min_ms": d["min_ms"], "dense_max_ms": d["max_ms"],
+        "speedup_median": d["median_ms"] / k["median_ms"], "speedup_min": d["min_ms"] / k["min_ms"],
+        "op_count_bound": dense_macs / shared_ops, "method": "kse", "q": q, "form": conv.form,
+        "tiles": repr(conv.tiles), "rel_err": err, "build_s": build_s,
+        "shape": {"C": C, "O": O, "H": H, "stride": stride},
+    }
+
+
+def bench_models(runs: int, warmup: int, threads: int) -> list[dict]:
+    """resnet18 at 224x224, every 3x3 conv clustered as KSE q=8: the llvm-compiled module
+    (kcompile.compile) vs the dense model built by the same pipeline (every conv through the
+    direct-conv schedule, the rest through TVM's operators) vs torch eager (dense), in
+    alternating blocks (two rounds)."""
+    import resource
+
+    import kcompile
+    from kcompile import zoo
+    from kcompile.compiler import compile_model
+
+    m = zoo.build("resnet18").eval()
+    shape = (1, 3, 224, 224)
+    skip = [n for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d) and mod.kernel_size != (3, 3)]
+    cm = kcompile.cluster(m, "kse", q=8, skip=skip).eval()
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    t0 = time.perf_counter()
+    run_c = compile_model(cm, "llvm", shape, threads=threads)
+    build_c = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run_d = compile_model(m, "llvm", shape, threads=threads)
+    build_d = time.perf_counter() - t0
+    xt = torch.from_numpy(x)
+    with torch.inference_mode():
+        ref = cm(xt).numpy()
+        err = float(np.abs(run_c(x) - ref).max() / max(np.ptp(ref), 1e-12))
+        fns = {"tvm-llvm-clustered": lambda: run_c(x), "tvm-llvm-dense": lambda: run_d(x),
+               "torch-dense": lambda: m(xt)}
+        times = {k: [] for k in fns}
+        for _ in range(2):  # two rounds of per-backend blocks
+            for k, f in fns.items():
+                times[k] += timed_blocks(f, runs, warmup)
+    forms = {}
+    for r in run_c.layers:
+        forms[r["form"]] = forms.get(r["form"], 0) + 1
+    out = []
+    for k, ts in times.items():
+        rec = {"model": "resnet18", "layer": None, "backend": k, "batch": 1, "threads": threads, **stats(ts),
+               "input_shape": list(shape)}
+        if k == "tvm-llvm-clustered":
+            rec.update({"build_s": build_c, "rel_err": err, "forms": forms})
+        if k == "tvm-llvm-dense":
+            rec["build_s"] = build_d
+        out.append(rec)
+    base = next(r for r in out if r["backend"] == "torch-dense")["median_ms"]
+    for r in out:
+        r["speedup_vs_torch_dense_median"] = base / r["median_ms"]
+    out.append({"peak_rss_mb_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--json", default="benchmarks/results/tvm_layers.json")
+    ap.add_argument("--only", default=None, help="comma-separated layer names")
+    ap.add_argument("--suite", default="layers", choices=["layers", "models"])
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (set TVM_NUM_THREADS to match)")
+    a = ap.parse_args(argv)
+    if os.environ.get("TVM_NUM_THREADS") != str(a.threads):
+        raise SystemExit(f"set TVM_NUM_THREADS={a.threads} before starting (TVM reads it once)")
+    torch.set_num_threads(a.threads)
+    info = machine()
+    only = set(a.only.split(",")) if a.only else None
+    records = []
+    if a.suite == "models":
+        records = bench_models(a.runs, a.warmup, a.threads)
+        for r in records:
+            print(r, flush=True)
+    for name, C, O, H, s in (SHAPES if a.suite == "layers" else []):
+        if only and name not in only:
+            continue
+        r = bench_layer(name, C, O, H, s, a.runs, a.warmup, a.threads)
+        records.append(r)
+        print(f"{name:>15}  tvm {r['median_ms']:7.3f} ms (min {r['min_ms']:.3f})  dense {r['dense_median_ms']:7.3f} ms "
+              f"(min {r['dense_min_ms']:.3f})  x{r['speedup_median']:.2f} (min/min x{r['speedup_min']:.2f})  "
+              f"bound x{r['op_count_bound']:.2f}  err {r['rel_err']:.1e}", flush=True)
+    info["loadavg_end"] = os.getloadavg()
+    doc = {"command": f"TVM_NUM_THREADS={a.threads} python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+           "machine": info, "records": records}
+    if a.json:
+        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
+        tmp = a.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=2)
+        os.replace(tmp, a.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

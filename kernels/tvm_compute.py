@@ -1,0 +1,396 @@
+"""TVM tensor-expression computes for clustered convolutions (what, not how).
+
+Every compute here is target independent; ``tvm_schedule`` says how to run it on ``llvm``
+or ``cuda``. Shapes are static (one compiled function per layer and input shape), layout
+NCHW float32.
+
+Forms (chosen per layer by :func:`choose_form`):
+
+Layout ("wide" rows): every stage after padding works on a flat spatial axis ``p`` in
+the padded input's width. With Wq = ceil(Wp / sw) columns per output row, the padded input
+is split by row and column phase (row R = sh*a + ph, column X = sw*b + pc) and flattened to
+``xf[n, c, ph, pc, a*Wq + b]`` (extra zero rows / columns). Output position (h, w) is
+``p = h*Wq + w`` and tap (r, s) reads plane ``((r*dh) % sh, (s*dw) % sw)`` at
+``p + ((r*dh) // sh)*Wq + (s*dw) // sw`` -- affine in p with unit stride for every stride
+and dilation, so any run of p is a plain vector load. Columns w >= Wo are junk and p runs
+to ``P`` (>= Ho*Wq, a multiple of the schedule's tile) so that tiles need not align with
+rows; ``out`` keeps the valid ones.
+
+``shared`` (kernel unit, conv-then-add; Son with scales + TIC, KSE per-channel books)::
+
+    z[n, k, j, p]    = sum_{r,s} book[k, j, r, s] * xf[n, zchan[k], tap(p, r, s)]
+                                                                        (N, Cz, q, P)
+    acc[n, o, p]     = sum_{t<Ck} scale[o, t] * z[n, g(o)*Ck + t, lidx[o, t], p]
+    dense[n, o, p]   = sum_{f,r,s} dweight[o, f, r, s] * xf[n, dchan[g(o)*F + f], ...]
+                                                                  (KSE full channels only)
+    out[n, o, h, w]  = acc[n, o, h*Wq + w] + dense[...] + bias[o]       (N, O, Ho, Wo)
+
+  ``Cz = groups * Ck`` z-channels (kept input channels of every group), ``q`` = the largest
+  number of distinct (centroid, transform) kernels of one channel (books padded with zero
+  kernels); pruned channels are simply absent. Stage 1 computes each distinct centroid
+  kernel once per input channel, stage 2 gathers and accumulates.
+
+``filter`` (filter unit): a dense conv with the n distinct filters, then a gather of output
+channels: ``out[n, o, h, w] = dense[n, gather[o], h*Wq + w] + bias[o]``.
+
+``dense`` (row / scalar units, or when sharing does not pay): decode-then-dense.
+
+The tables (book, lidx, ...) are built once in NumPy by :func:`shared_arrays` from
+``kcompile.kernels.plan`` and passed to the compiled function as constant tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kcompile.ir import ClusteredWeight
+
+from .plan import Geometry, dense_tables, filter_tables, shared_tables, decoded_weight, channel_masks
+
+FORMS = ("shared", "filter", "dense")
+
+
+# ----------------------------------------------------------------------------- specs
+@dataclass(frozen=True)
+class ConvSpec:
+    """Static shape of one conv call: x (N, C, H, W), weight (O, C/groups, kh, kw)."""
+
+    N: int
+    C: int
+    H: int
+    W: int
+    O: int
+    kh: int
+    kw: int
+    geom: Geometry
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return self.geom.out_hw(self.H, self.W, self.kh, self.kw)
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        return (self.N, self.O, *self.out_hw)
+
+    @property
+    def wide(self) -> tuple[int, int]:
+        """(Wq, Wx): output columns per wide row and the flat input's row length Wq*sw."""
+        t, l, b, r = self.geom.padding
+        sw = self.geom.stride[1]
+        Wq = -(-(self.W + l + r) // sw)
+        return Wq, Wq * sw
+
+    def wide_len(self, tile: int = 1) -> int:
+        """P: Ho*Wq rounded up to a multiple of ``tile``."""
+        Ho, _ = self.out_hw
+        n = Ho * self.wide[0]
+        return -(-n // tile) * tile
+
+    def flat_rows(self, P: int) -> int:
+        """Rows Ha per phase plane of the flat input so every read of p < P is in bounds."""
+        Wq, _ = self.wide
+        (sh, sw), (dh, dw) = self.geom.stride, self.geom.dilation
+        t, l, b, r = self.geom.padding
+        last = (P - 1) + ((self.kh - 1) * dh // sh) * Wq + ((self.kw - 1) * dw) // sw
+        return max(-(-(last + 1) // Wq), -(-(self.H + t + b) // sh))
+
+    @property
+    def Og(self) -> int:
+        return self.O // self.geom.groups
+
+    @property
+    def Cg(self) -> int:
+        return self.C // self.geom.groups
+
+
+@dataclass(frozen=True)
+class ConvArrays:
+    """The constant tensors of one clustered conv in a given form (NumPy, C-contiguous).
+
+    ``arrays`` maps parameter name -> array in call order (after ``x``); ``meta`` holds the
+    static sizes the compute needs (q, Ck, F, n_max, identity flags)."""
+
+    form: str
+    arrays: dict
+    meta: dict
+
+
+# ----------------------------------------------------------------------------- tables
+def _i32(a) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(a), dtype=np.int32)
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(a), dtype=np.float32)
+
+
+def shared_arrays(cw: ClusteredWeight, groups: int, bias) -> ConvArrays:
+    """Uniform conv-then-add tables (book padded to q per z-channel); see module doc.
+
+    book (Cz, q, kh, kw); zchan (Cz,) int32; lidx (O, Ck) int32; scale (O, Ck);
+    dweight (O, F, kh, kw) + dchan (groups*F,) int32 when KSE keeps full channels; bias (O,).
+    """
+    O, Cg, kh, kw = cw.shape
+    pruned, full = channel_masks(cw)
+    t = shared_tables(cw, groups)
+    if t.upc != 1:
+        raise ValueError("the shared TVM form needs the kernel unit")
+    Ck = t.Ck
+    Cz = groups * Ck
+    Og = O // groups
+    counts = np.diff(t.zstart)
+    q = max(int(counts.max()) if counts.size else 1, 1)
+    book = np.zeros((max(Cz, 1), q, kh * kw), np.float32)
+    zchan = np.zeros(max(Cz, 1), np.int64)
+    for k in range(Cz):
+        a, b = t.zstart[k], t.zstart[k + 1]
+        book[k, : b - a] = t.zk[a:b]
+        zchan[k] = t.zchan[a] if b > a else (k // max(Ck, 1)) * Cg + t.kept[k % max(Ck, 1)]
+    lidx = np.zeros((O, max(Ck, 1)), np.int64)
+    scale = np.zeros((O, max(Ck, 1)), np.float32)
+    if Ck:
+        g = np.arange(O) // Og
+        base = t.zstart[:-1][(g[:, None] * Ck + np.arange(Ck)[None, :])]
+        lidx[:, :Ck] = t.uidx - base
+        scale[:, :Ck] = t.uscale
+    arrays = {"book": _f32(book.reshape(-1, q, kh, kw)), "zchan": _i32(zchan),
+              "lidx": _i32(lidx), "scale": _f32(scale)}
+    full_local = np.flatnonzero(full)
+    F = len(full_local)
+    if F:
+        d = dense_tables(cw, groups, full_local)
+        arrays["dweight"] = _f32(d.weight)
+        arrays["dchan"] = _i32(d.channels)
+    arrays["bias"] = _f32(np.zeros(O) if bias is None else _np(bias))
+    ident = Cz == groups * Cg and bool(np.all(zchan == np.arange(len(zchan))))
+    meta = {"q": q, "Ck": Ck, "F": F, "zident": ident}
+    return ConvArrays("shared", arrays, meta)
+
+
+def filter_arrays(cw: ClusteredWeight, groups: int, bias) -> ConvArrays:
+    """Filter unit: weight (groups*n_max, Cg, kh, kw) distinct filters, gather (O,) int32."""
+    ft = filter_tables(cw, groups)
+    arrays = {"weight": _f32(ft.weight), "gather": _i32(ft.gather),
+              "bias": _f32(np.zeros(cw.shape[0]) if bias is None else _np(bias))}
+    return ConvArrays("filter", arrays, {"n_max": ft.n_max})
+
+
+def dense_arrays(cw: ClusteredWeight | np.ndarray, groups: int, bias) -> ConvArrays:
+    """Decode-then-dense: weight (O, Cg, kh, kw)."""
+    w = cw if isinstance(cw, np.ndarray) else decoded_weight(cw)
+    arrays = {"weight": _f32(w), "bias": _f32(np.zeros(w.shape[0]) if bias is None else _np(bias))}
+    return ConvArrays("dense", arrays, {})
+
+
+def _np(t) -> np.ndarray:
+    if hasattr(t, "detach"):
+        t = t.detach().cpu().float().numpy()
+    return np.asarray(t, np.float32)
+
+
+def choose_form(cw: ClusteredWeight, spec: ConvSpec) -> str:
+    """The cheapest form by operation count (``cw.conv_macs``): kernel unit -> ``shared``
+    when conv-then-add beats dense (with the padded book size q), filter unit -> ``filter``,
+    row / scalar units -> ``dense`` (decode-then-dense; their factorised forms need one
+    sub-kernel per row / tap, which the stage-1 conv would compute at full kernel size)."""
+    if cw.unit == "filter":
+        return "filter"
+    if cw.unit != "kernel":
+        return "dense"
+    Ho, Wo = spec.out_hw
+    hw = Ho * Wo
+    t = shared_tables(cw, spec.geom.groups)
+    counts = np.diff(t.zstart)
+    q = int(counts.max()) if counts.size else 0
+    pruned, full = channel_masks(cw)
+    Cz = spec.geom.groups * t.Ck
+    shared = Cz * q * spec.kh * spec.kw * hw + spec.O * t.Ck * hw
+    shared += spec.O * int(full.sum()) * spec.kh * spec.kw * hw
+    dense = spec.O * spec.Cg * spec.kh * spec.kw * hw
+    return "shared" if shared < dense else "dense"
+
+
+def make_arrays(cw: ClusteredWeight, spec: ConvSpec, bias, form: str | None = None) -> ConvArrays:
+    """Tables of ``cw`` in ``form`` (default: :func:`choose_form`)."""
+    form = form or choose_form(cw, spec)
+    if form == "shared":
+        return shared_arrays(cw, spec.geom.groups, bias)
+    if form == "filter":
+        return filter_arrays(cw, spec.geom.groups, bias)
+    if form == "dense":
+        return dense_arrays(cw, spec.geom.groups, bias)
+    raise ValueError(f"unknown form {form!r}; expected one of {FORMS}")
+
+
+# ----------------------------------------------------------------------------- computes
+def flat_input(x, spec: ConvSpec, P: int):
+    """xf[n, c, ph, pc, a*Wq + b] = padded x at row sh*a + ph, column sw*b + pc (zeros
+    outside x); stage ``xpad``. Shape (N, C, sh, sw, Ha*Wq)."""
+    from tvm import te, tirx
+
+    t, l, b, r = spec.geom.padding
+    sh, sw = spec.geom.stride
+    Wq, _ = spec.wide
+    Ha = spec.flat_rows(P)
+    H, W = spec.H, spec.W
+
+    def f(n, c, ph, pc, i):
+        h, w = (i // Wq) * sh + ph - t, (i % Wq) * sw + pc - l
+        inside = tirx.all(h >= 0, h < H, w >= 0, w < W)
+        return tirx.if_then_else(inside, x[n, c, tirx.max(tirx.min(h, H - 1), 0),
+                                           tirx.max(tirx.min(w, W - 1), 0)],
+                                 tirx.const(0.0, "float32"))
+
+    return te.compute((spec.N, spec.C, sh, sw, Ha * Wq), f, name="xpad")
+
+
+def _tap(spec: ConvSpec, p, r, s):
+    """(row plane, column plane, flat index) read by tap (r, s) at wide position p."""
+    Wq, _ = spec.wide
+    (sh, sw), (dh, dw) = spec.geom.stride, spec.geom.dilation
+    return (r * dh) % sh, (s * dw) % sw, p + ((r * dh) // sh) * Wq + (s * dw) // sw
+
+
+def centroid_conv(xf, book, zchan, spec: ConvSpec, P: int, ident: bool):
+    """Stage 1: z[n, k, j, p] = sum_{r,s} book[k, j, r, s] * xf[n, zchan[k], tap(p, r, s)]."""
+    from tvm import te
+
+    Cz, q = int(book.shape[0]), int(book.shape[1])
+    r = te.reduce_axis((0, spec.kh), name="r")
+    s = te.reduce_axis((0, spec.kw), name="s")
+
+    def f(n, k, j, p):
+        c = k if ident else zchan[k]
+        return te.sum(book[k, j, r, s] * xf[n, c, *_tap(spec, p, r, s)], axis=[r, s])
+
+    return te.compute((spec.N, Cz, q, P), f, name="z")
+
+
+def gather_accumulate(z, lidx, scale, spec: ConvSpec, Ck: int, P: int):
+    """Stage 2: acc[n, o, p] = sum_t scale[o, t] * z[n, g(o)*Ck + t, lidx[o, t], p]."""
+    from tvm import te, tirx
+
+    Og = spec.Og
+    t = te.reduce_axis((0, Ck), name="t")
+
+    q = int(z.shape[2])
+
+    def f(n, o, p):
+        k = t if spec.geom.groups == 1 else (o // Og) * Ck + t
+        # clamped so region analysis sees j in [0, q) (tables are in range; a lone
+        # centroid needs no index at all)
+        j = tirx.min(tirx.max(lidx[o, t], 0), q - 1) if q > 1 else 0
+        return te.sum(scale[o, t] * z[n, k, j, p], axis=t)
+
+    return te.compute((spec.N, spec.O, P), f, name="acc")
+
+
+def dense_conv(xf, weight, spec: ConvSpec, P: int, chan=None, name: str = "dense"):
+    """conv[n, o, p] = sum_{f,r,s} weight[o, f, r, s] * xf[n, c(o, f), tap(p, r, s)] where
+    c = g(o)*F + f (or chan[g(o)*F + f] with a channel table); weight (O', F, kh, kw)."""
+    from tvm import te
+
+    Oo, F = int(weight.shape[0]), int(weight.shape[1])
+    Og = Oo // spec.geom.groups
+    f_ = te.reduce_axis((0, F), name="f")
+    r = te.reduce_axis((0, spec.kh), name="r")
+    s = te.reduce_axis((0, spec.kw), name="s")
+
+    def f(n, o, p):
+        c = f_ if spec.geom.groups == 1 else (o // Og) * F + f_
+        if chan is not None:
+            c = chan[c]
+        return te.sum(weight[o, f_, r, s] * xf[n, c, *_tap(spec, p, r, s)], axis=[f_, r, s])
+
+    return te.compute((spec.N, Oo, P), f, name=name)
+
+
+def _x(spec: ConvSpec):
+    from tvm import te
+
+    return te.placeholder((spec.N, spec.C, spec.H, spec.W), "float32", name="x")
+
+
+def shared_conv(spec: ConvSpec, meta: dict, P: int):
+    """TE graph of the ``shared`` form. Returns (params, out) with params in call order
+    x, book, zchan, lidx, scale[, dweight, dchan], bias."""
+    from tvm import te
+
+    q, Ck, F = meta["q"], meta["Ck"], meta["F"]
+    Cz = max(spec.geom.groups * Ck, 1)
+    Wq = spec.wide[0]
+    x = _x(spec)
+    book = te.placeholder((Cz, q, spec.kh, spec.kw), "float32", name="book")
+    zchan = te.placeholder((Cz,), "int32", name="zchan")
+    lidx = te.placeholder((spec.O, max(Ck, 1)), "int32", name="lidx")
+    scale = te.placeholder((spec.O, max(Ck, 1)), "float32", name="scale")
+    bias = te.placeholder((spec.O,), "float32", name="bias")
+    params = [x, book, zchan, lidx, scale]
+    xf = flat_input(x, spec, P)
+    parts = []
+    if Ck:
+        z = centroid_conv(xf, book, zchan, spec, P, meta["zident"])
+        parts.append(gather_accumulate(z, lidx, scale, spec, Ck, P))
+    if F:
+        dweight = te.placeholder((spec.O, F, spec.kh, spec.kw), "float32", name="dweight")
+        dchan = te.placeholder((spec.geom.groups * F,), "int32", name="dchan")
+        params += [dweight, dchan]
+        parts.append(dense_conv(xf, dweight, spec, P, chan=dchan))
+    params.append(bias)
+
+    def f(n, o, h, w):
+        v = bias[o]
+        for part in parts:
+            v = v + part[n, o, h * Wq + w]
+        return v
+
+    return params, te.compute(spec.out_shape, f, name="out")
+
+
+def filter_conv(spec: ConvSpec, meta: dict, P: int):
+    """TE graph of the ``filter`` form: params x, weight, gather, bias."""
+    from tvm import te
+
+    n_max = meta["n_max"]
+    Wq = spec.wide[0]
+    x = _x(spec)
+    weight = te.placeholder((spec.geom.groups * n_max, spec.Cg, spec.kh, spec.kw), "float32", name="weight")
+    gather = te.placeholder((spec.O,), "int32", name="gather")
+    bias = te.placeholder((spec.O,), "float32", name="bias")
+    d = dense_conv(flat_input(x, spec, P), weight, spec, P, name="dense")
+    out = te.compute(spec.out_shape, lambda n, o, h, w: d[n, gather[o], h * Wq + w] + bias[o], name="out")
+    return [x, weight, gather, bias], out
+
+
+def decoded_conv(spec: ConvSpec, meta: dict, P: int):
+    """TE graph of the ``dense`` form: params x, weight, bias."""
+    from tvm import te
+
+    Wq = spec.wide[0]
+    x = _x(spec)
+    weight = te.placeholder((spec.O, spec.Cg, spec.kh, spec.kw), "float32", name="weight")
+    bias = te.placeholder((spec.O,), "float32", name="bias")
+    d = dense_conv(flat_input(x, spec, P), weight, spec, P, name="dense")
+    out = te.compute(spec.out_shape, lambda n, o, h, w: d[n, o, h * Wq + w] + bias[o], name="out")
+    return [x, weight, bias], out
+
+
+COMPUTES = {"shared": shared_conv, "filter": filter_conv, "dense": decoded_conv}
+
+
+def prim_func(spec: ConvSpec, arrays: ConvArrays, P: int | None = None, name: str = "main"):
+    """An unscheduled TIR PrimFunc of the layer (params: x, *arrays, out (N, O, Ho, Wo));
+    ``P`` is the wide spatial length (default ``spec.wide_len()``; schedules pick a multiple
+    of their tile)."""
+    from tvm import te
+
+    P = spec.wide_len() if P is None else P
+    if P < spec.wide_len():
+        raise ValueError(f"P={P} is shorter than the {spec.wide_len()} wide positions")
+    params, out = COMPUTES[arrays.form](spec, arrays.meta, P)
+    names = [p.op.name for p in params[1:]]
+    if names != list(arrays.arrays):
+        raise AssertionError(f"parameter order {names} != tables {list(arrays.arrays)}")
+    return te.create_prim_func([*params, out]).with_attr("global_symbol", name)

@@ -1,0 +1,434 @@
+"""Hand-written TIR schedules (how) for the computes of ``tvm_compute`` (what).
+
+All computes work on the wide flat spatial axis p (see ``tvm_compute``), so a register tile
+is any run of 16*nv positions, whatever the row length.
+
+``llvm`` (x86 AVX-512; AVX2 gets the same code legalised to ymm), ``shared`` form -- the
+blocking of a GEMM applied to a gather:
+
+- the output is tiled into OB output channels x TL = 16*nv positions; for each tile the
+  OB x nv accumulator vectors stay in registers across the whole reduction over input
+  channels (the t loop is outside the unrolled OB x nv block; one z vector load per FMA,
+  plus a scalar lidx / scale load per (o, t) amortised over nv vectors);
+- stage 1 (``z``, all kept channels x q centroids x TL positions) is computed by
+  ``compute_at`` just before the tile's outputs consume it (fused: z never reaches DRAM;
+  the tile is bounded by ``ZTILE_BYTES`` to stay in L2), taps unrolled, positions
+  vectorised;
+- the parallel loop runs over batch x output-channel groups (only when there are fewer
+  tiles than threads; z is then recomputed per group) x tiles, never over input channels.
+- ``xpad`` (flat padded input) and ``out`` (valid columns + bias) are separate parallel,
+  vectorised passes.
+
+``llvm``, ``filter`` / ``dense`` forms (and KSE's full channels): a direct conv with OB
+outputs x nv vectors of accumulators, the input vector of a tap shared by the OB outputs.
+
+``cuda``: a thread block owns (n, OB outputs, TP positions), one thread per position with
+OB register accumulators; stage 1 for a chunk of CC input channels is computed
+cooperatively into shared memory (``z`` in ``shared`` scope) before the chunk's gather.
+Depthwise layers (one channel per group) compute z per thread in registers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .tvm_compute import ConvArrays, ConvSpec
+
+VEC_BUDGET = 16          # accumulator vectors kept in registers (AVX-512: 32 zmm)
+ZTILE_BYTES = 1 << 20    # z tile budget (L2 is 2 MB per core here)
+Z_UNROLL = 12            # stage 1 keeps up to this many centroid accumulators per tap
+
+
+@dataclass(frozen=True)
+class LlvmTiles:
+    """Tile sizes of the llvm schedules (positions are on the wide flat axis p):
+
+    og: output-channel groups in the parallel loop; OB: outputs per register block;
+    nv: 16-float vectors per register block (TL = 16*nv positions); ZT: positions per z
+    tile (a multiple of TL); P: the padded wide length (a multiple of ZT)."""
+
+    og: int
+    OB: int
+    nv: int
+    ZT: int
+    P: int
+
+    @property
+    def TL(self) -> int:
+        return VEC * self.nv
+
+
+VEC = 16  # floats per AVX-512 vector
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _register_block(spec: ConvSpec, Og: int, zbytes_per_pos: int = 0) -> tuple[int, int, int]:
+    """(OB, nv, P): long register tiles (the scalar work per (o, t) -- lidx, scale -- is
+    amortised over nv vectors), little padding of Ho*Wq to a multiple of 16*nv, 8..16
+    accumulator vectors (OB*nv), and a z tile (all channels x TL positions) within
+    ``ZTILE_BYTES``. Measured on this machine: nv 7-12 beats nv 1-2 by ~1.5x."""
+    base = spec.wide_len()
+    best = None
+    for nv in range(1, VEC_BUDGET + 1):
+        if nv > 1 and zbytes_per_pos * VEC * nv > ZTILE_BYTES:
+            break
+        P = spec.wide_len(VEC * nv)
+        OB = next(ob for ob in (8, 4, 2, 1) if Og % ob == 0 and ob * nv <= VEC_BUDGET)
+        regs = OB * nv
+        score = P / base + (0.15 if regs < 8 else 0.0) + (0.05 if regs < 12 else 0.0) + 0.25 / nv
+        if best is None or score < best[0] - 1e-9:
+            best = (score, OB, nv, P)
+    return best[1], best[2], best[3]
+
+
+def llvm_tiles(spec: ConvSpec, meta: dict, threads: int = 2) -> LlvmTiles:
+    """Pick tile sizes for ``spec`` (see module doc); deterministic, shape driven. The z
+    tile is one register tile (measured fastest: z stays in L2 and is consumed at once);
+    with fewer tiles than threads the output channels are split too (z recomputed)."""
+    Cz = max(spec.geom.groups * meta.get("Ck", 1), 1)
+    q = meta.get("q", 1)
+    OB, nv, P = _register_block(spec, spec.Og, Cz * q * 4)
+    TL = VEC * nv
+    tiles = spec.N * (P // TL)
+    og = 1
+    if tiles < threads and (spec.O // OB) % threads == 0:
+        og = threads
+    return LlvmTiles(og, OB, nv, TL, P)
+
+
+# ----------------------------------------------------------------------------- helpers
+def iter_loops(sch, block, depth: int) -> list:
+    """For each iteration variable of ``block``, the loop (at nesting depth >= ``depth``)
+    that binds it, or None (unit extent, or bound only by outer loops). Loops created by
+    ``compute_at`` bind one iteration variable each; this finds them by variable."""
+    import tvm
+
+    loops = sch.get_loops(block)[depth:]
+    if not loops:
+        return [None] * len(sch.get(block).iter_vars)
+    realize = sch.get(loops[-1]).body
+    while not hasattr(realize, "iter_values"):
+        realize = realize.body if hasattr(realize, "body") else realize.seq[0]
+    var_of = {sch.get(lp).loop_var: lp for lp in loops}
+    found = []
+    for value in realize.iter_values:
+        hit = [var_of[v] for v in tvm.tirx.analysis.undefined_vars(value) if v in var_of]
+        found.append(hit[0] if hit else None)
+    return found
+
+
+def _present(*loops):
+    return [lp for lp in loops if lp is not None]
+
+# ----------------------------------------------------------------------------- llvm
+def _schedule_pad_llvm(sch, spec: ConvSpec) -> None:
+    """xpad (N, C, sh, sw, Ha*Wq): planes in parallel, each row one vectorised select."""
+    blk = sch.get_sblock("xpad")
+    n, c, ph, pc, i = sch.get_loops(blk)
+    h, w = sch.split(i, [None, spec.wide[0]])
+    sch.parallel(sch.fuse(n, c))
+    sch.vectorize(w)
+
+
+def _schedule_out_llvm(sch) -> None:
+    """out (N, O, Ho, Wo): the valid columns of the wide rows (+ bias), vectorised rows."""
+    blk = sch.get_sblock("out")
+    n, o, h, w = sch.get_loops(blk)
+    sch.parallel(sch.fuse(n, o))
+    sch.vectorize(w)
+
+
+def schedule_shared_llvm(sch, spec: ConvSpec, meta: dict, tl: LlvmTiles) -> None:
+    """The blocked, fused schedule of the ``shared`` form (module doc)."""
+    _schedule_pad_llvm(sch, spec)
+    _schedule_out_llvm(sch)
+    if meta["Ck"]:
+        acc = sch.get_sblock("acc")
+        n, o, p, t = sch.get_loops(acc)
+        og, oo, oi = sch.split(o, [tl.og, None, tl.OB])
+        zt, pt, pv, pl = sch.split(p, [None, tl.ZT // tl.TL, tl.nv, VEC])
+        sch.reorder(n, og, zt, oo, pt, t, oi, pv, pl)
+        outer = sch.fuse(n, og, zt)
+        sch.parallel(outer)
+        sch.vectorize(pl)
+        sch.unroll(pv)
+        sch.unroll(oi)
+        sch.decompose_reduction(acc, t)
+        z = sch.get_sblock("z")
+        sch.compute_at(z, outer)
+        _, zk, zj, zp, zr, zs = iter_loops(sch, z, 1)
+        zpo, zpi = sch.split(zp, [None, VEC])
+        if zj is not None and meta["q"] <= Z_UNROLL:
+            # one input vector per tap feeds all q centroid accumulators (registers)
+            sch.reorder(*_present(zk, zpo, zr, zs, zj, zpi))
+            sch.unroll(zj)
+        else:
+            sch.reorder(*_present(zk, zj, zpo, zr, zs, zpi))
+        sch.vectorize(zpi)
+        for lp in _present(zr, zs):
+            sch.unroll(lp)
+        first = _present(zr, zs)
+        if first:
+            sch.decompose_reduction(z, first[0])
+    if meta["F"]:
+        _schedule_direct_block(sch, spec, "dense", tl)
+
+
+def _schedule_direct_block(sch, spec: ConvSpec, name: str, tl: LlvmTiles) -> None:
+    """A direct conv block (N, O', P) with reductions (f, r, s): OB outputs x nv vectors
+    of accumulators, the input vector of a tap shared by the OB outputs."""
+    d = sch.get_sblock(name)
+    n, o, p, f, r, s_ = sch.get_loops(d)
+    Oo = sch.get(o).extent.value
+    OB = next(ob for ob in (tl.OB, 4, 2, 1) if Oo % ob == 0)
+    oo, oi = sch.split(o, [None, OB])
+    pt, pv, pl = sch.split(p, [None, tl.nv, VEC])
+    sch.reorder(n, oo, pt, f, r, s_, oi, pv, pl)
+    sch.parallel(sch.fuse(n, oo, pt))
+    sch.vectorize(pl)
+    sch.unroll(pv)
+    sch.unroll(oi)
+    sch.decompose_reduction(d, f)
+
+
+def schedule_direct_llvm(sch, spec: ConvSpec, tl: LlvmTiles) -> None:
+    """Direct conv (``filter`` / ``dense`` forms) + the gather / bias epilogue."""
+    _schedule_pad_llvm(sch, spec)
+    _schedule_out_llvm(sch)
+    _schedule_direct_block(sch, spec, "dense", tl)
+
+
+# ----------------------------------------------------------------------------- cuda
+@dataclass(frozen=True)
+class CudaTiles:
+    """CUDA tiles: TP positions (threads) per block, OB outputs per thread, CC channels per
+    shared-memory z chunk; P the padded wide length (a multiple of TP)."""
+
+    TP: int
+    OB: int
+    CC: int
+    P: int
+
+
+SHARED_BYTES = 40 * 1024
+
+
+def cuda_tiles(spec: ConvSpec, meta: dict) -> CudaTiles:
+    base = spec.wide_len()
+    TP = 32 if base <= 32 else 64 if base <= 1024 else 128
+    OB = next(ob for ob in (8, 4, 2, 1) if spec.Og % ob == 0)
+    Ck = max(meta.get("Ck", 1), 1)
+    q = meta.get("q", 1)
+    CC = max([d for d in _divisors(Ck) if d * q * TP * 4 * OB <= SHARED_BYTES] or [1])
+    return CudaTiles(TP, OB, CC, spec.wide_len(TP))
+
+
+def _bind_elementwise_cuda(sch, name: str, threads: int = 128) -> None:
+    blk = sch.get_sblock(name)
+    f = sch.fuse(*sch.get_loops(blk))
+    bx, tx = sch.split(f, [None, threads])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+
+
+def _local_accumulator_cuda(sch, name: str, tl: CudaTiles):
+    """Block ``name`` (N, O', P) + reductions: thread block = (n, OB outputs, TP positions),
+    one thread per position keeping OB accumulators in registers. Returns (acc_local block,
+    the reduction loops under the thread loop)."""
+    loc = sch.get_sblock(name)  # keeps the reduction, now into a local buffer
+    back = sch.cache_write(loc, 0, "local")  # the write-back block
+    n, o, p = sch.get_loops(back)
+    Oo = sch.get(o).extent.value
+    OB = next(ob for ob in (tl.OB, 4, 2, 1) if Oo % ob == 0)
+    oo, oi = sch.split(o, [None, OB])
+    pt, pl = sch.split(p, [None, tl.TP])
+    sch.reorder(n, oo, pt, pl, oi)
+    sch.bind(sch.fuse(n, oo, pt), "blockIdx.x")
+    sch.bind(pl, "threadIdx.x")
+    sch.compute_at(loc, pl)
+    return loc, pl
+
+
+def schedule_shared_cuda(sch, spec: ConvSpec, meta: dict, tl: CudaTiles) -> None:
+    """Shared form on CUDA: a thread block owns (n, OB outputs, TP positions); for each
+    chunk of CC input channels the block computes z (CC x q x TP) cooperatively into shared
+    memory, then every thread adds its OB outputs' gathered z values in registers."""
+    _bind_elementwise_cuda(sch, "xpad")
+    _bind_elementwise_cuda(sch, "out")
+    if meta["Ck"]:
+        loc, pl = _local_accumulator_cuda(sch, "acc", tl)
+        lo = iter_loops(sch, loc, 2)
+        ao, at = lo[1], lo[3]
+        z = sch.get_sblock("z")
+        if at is None:  # one channel per group (depthwise): nothing to share across threads
+            sch.set_scope(z, 0, "local")
+            sch.compute_at(z, pl)
+        else:
+            ato, ati = sch.split(at, [None, tl.CC])
+            sch.reorder(*_present(ato, ati, ao))
+            sch.decompose_reduction(loc, ato)
+            sch.set_scope(z, 0, "shared")  # before compute_at: the region spans the block's threads
+            sch.compute_at(z, ato)
+            _, zk, zj, zp, zr, zs = iter_loops(sch, z, 3)
+            f = sch.fuse(*_present(zk, zj, zp))
+            fo, fi = sch.split(f, [None, tl.TP])
+            sch.bind(fi, "threadIdx.x")
+            for lp in _present(zr, zs):
+                sch.unroll(lp)
+    if meta["F"]:
+        dl, _ = _local_accumulator_cuda(sch, "dense", tl)
+        sch.decompose_reduction(dl, _present(*iter_loops(sch, dl, 2)[3:])[0])
+
+
+def schedule_direct_cuda(sch, spec: ConvSpec, tl: CudaTiles) -> None:
+    """Direct conv on CUDA: a thread per (output position) x OB outputs, registers for the
+    accumulators, the gather / bias epilogue elementwise."""
+    _bind_elementwise_cuda(sch, "xpad")
+    _bind_elementwise_cuda(sch, "out")
+    dl, _ = _local_accumulator_cuda(sch, "dense", tl)
+    sch.decompose_reduction(dl, _present(*iter_loops(sch, dl, 2)[3:])[0])
+
+
+def _blocks(sch) -> set[str]:
+    names = set()
+    for name in ("xpad", "z", "acc", "dense", "out"):
+        try:
+            sch.get_sblock(name)
+            names.add(name)
+        except Exception:  # noqa: BLE001 - block absent
+            pass
+    return names
+
+
+# ----------------------------------------------------------------------------- entry
+def plan_tiles(spec: ConvSpec, arrays: ConvArrays, target_kind: str, threads: int = 2):
+    """Tiles for ``target_kind``; their ``P`` is the wide length the compute must use."""
+    if target_kind == "llvm":
+        return llvm_tiles(spec, arrays.meta, threads)
+    if target_kind == "cuda":
+        return cuda_tiles(spec, arrays.meta)
+    raise ValueError(f"no schedule for target {target_kind!r}")
+
+
+def schedule(func, spec: ConvSpec, arrays: ConvArrays, target_kind: str, tiles):
+    """A scheduled IRModule of ``func`` (``tvm_compute.prim_func(spec, arrays, tiles.P)``)
+    for ``target_kind`` in {"llvm", "cuda"}."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    if target_kind == "llvm":
+        if arrays.form == "shared":
+            schedule_shared_llvm(sch, spec, arrays.meta, tiles)
+        else:
+            schedule_direct_llvm(sch, spec, tiles)
+    elif target_kind == "cuda":
+        if arrays.form == "shared":
+            schedule_shared_cuda(sch, spec, arrays.meta, tiles)
+        else:
+            schedule_direct_cuda(sch, spec, tiles)
+    else:
+        raise ValueError(f"no schedule for target {target_kind!r}")
+    return sch.mod
+
+
+# ----------------------------------------------------------------------------- build
+def make_target(kind: str, threads: int | None = None):
+    """A ``tvm.target.Target`` for ``kind`` ("llvm": this host's CPU; "cuda": sm_80 by default,
+    buildable without a GPU)."""
+    import tvm
+
+    if kind == "llvm":
+        cfg = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
+        if threads:
+            cfg["num-cores"] = int(threads)
+        return tvm.target.Target(cfg)
+    if kind == "cuda":
+        return tvm.target.Target({"kind": "cuda", "arch": "sm_80"}, host=make_target("llvm"))
+    raise ValueError(f"unknown target {kind!r}; expected llvm or cuda")
+
+
+@dataclass(frozen=True)
+class LayerModule:
+    """A scheduled layer: ``mod`` (IRModule with one PrimFunc ``name``), the constant
+    ``arrays`` it takes after x, and its ``tiles``."""
+
+    mod: object
+    spec: ConvSpec
+    arrays: ConvArrays
+    tiles: object
+    name: str
+
+
+def layer_module(spec: ConvSpec, arrays: ConvArrays, target_kind: str, threads: int = 2,
+                 name: str = "main", tiles=None) -> LayerModule:
+    """Compute (``tvm_compute.prim_func``) + schedule for one layer (``tiles``: override
+    the heuristic :func:`plan_tiles`, e.g. from tuning)."""
+    from .tvm_compute import prim_func
+
+    tiles = plan_tiles(spec, arrays, target_kind, threads) if tiles is None else tiles
+    func = prim_func(spec, arrays, tiles.P, name=name)
+    mod = schedule(func, spec, arrays, target_kind, tiles)
+    if name != "main":
+        import tvm
+
+        mod = tvm.IRModule({name: mod["main"].with_attr("global_symbol", name)})
+    return LayerModule(mod, spec, arrays, tiles, name)
+
+
+class CompiledConv:
+    """One clustered conv compiled by TVM for a fixed input shape (llvm: runnable here).
+
+    ``y = conv(x)``: x (N, C, H, W) float32 numpy -> y (N, O, Ho, Wo). Attributes: ``form``
+    ("shared" / "filter" / "dense"), ``tiles``, ``layer`` (the :class:`LayerModule`),
+    ``executable`` (the built module)."""
+
+    def __init__(self, cw, bias=None, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups: int = 1,
+                 input_shape=None, target: str = "llvm", form: str | None = None, threads: int = 2,
+                 tiles=None) -> None:
+        import tvm
+
+        from kcompile.errors import UsageError
+
+        from .plan import Geometry
+        from .tvm_compute import make_arrays
+
+        geom = Geometry.make(stride, padding, dilation, groups)
+        if input_shape is None or len(input_shape) != 4:
+            raise UsageError(f"input_shape must be (N, C, H, W), got {input_shape}")
+        N, C, H, W = (int(v) for v in input_shape)
+        O, Cg, kh, kw = cw.shape
+        if C != Cg * geom.groups:
+            raise UsageError(f"input has {C} channels, the weight expects {Cg * geom.groups}")
+        spec = ConvSpec(N, C, H, W, O, kh, kw, geom)
+        spec.out_hw  # validates the size
+        self.spec = spec
+        self.arrays = make_arrays(cw.detached(), spec, bias, form)
+        self.form = self.arrays.form
+        self.layer = layer_module(spec, self.arrays, target, threads, tiles=tiles)
+        self.tiles = self.layer.tiles
+        self.target = target
+        self.executable = tvm.compile(self.layer.mod, target=make_target(target, threads))
+        if target == "llvm":
+            dev = tvm.cpu()
+            self._dev = dev
+            self._consts = [tvm.runtime.tensor(a, dev) for a in self.arrays.arrays.values()]
+            self._fn = self.executable["main"]
+
+    def __call__(self, x):
+        import numpy as np
+        import tvm
+
+        from kcompile.errors import UsageError
+
+        if self.target != "llvm":
+            raise UsageError(f"a {self.target} module cannot run on this machine (no device)")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        want = (self.spec.N, self.spec.C, self.spec.H, self.spec.W)
+        if x.shape != want:
+            raise UsageError(f"x must have shape {want}, got {x.shape}")
+        out = tvm.runtime.empty(self.spec.out_shape, "float32", self._dev)
+        self._fn(tvm.runtime.tensor(x, self._dev), *self._consts, out)
+        return out.numpy()
