@@ -78,20 +78,41 @@ def cli():
 @click.option("--finetune-epochs", type=int, default=0, show_default=True)
 @click.option("--lr", type=float, default=0.01, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
-def cluster(model, arch, arch_kwargs, trust_pickle, output, method, data, finetune_epochs, lr, batch_size, **opts):
-    """Cluster MODEL's weights with a method and write a self-describing checkpoint."""
+@click.option("--retrain-epochs", type=int, default=0, show_default=True,
+              help="dkm: re-train with the spectral k-means regulariser for N epochs before clustering (needs --data).")
+@click.option("--lambda", "lam", type=float, default=1e-4, show_default=True, help="dkm re-training: regulariser weight lambda.")
+@click.option("--dkm-relax", type=click.Choice(["spectral", "hard"]), default="spectral", show_default=True,
+              help="dkm re-training: F from the truncated SVD (the paper) or from the normalised k-means assignment.")
+@click.option("--svd-every", type=int, default=5, show_default=True, help="dkm re-training: epochs between SVD refreshes of F.")
+def cluster(model, arch, arch_kwargs, trust_pickle, output, method, data, finetune_epochs, lr, batch_size,
+            retrain_epochs, lam, dkm_relax, svd_every, **opts):
+    """Cluster MODEL's weights with a method and write a self-describing checkpoint.
+
+    Under `torchrun --nproc-per-node N -m kcompile.cli cluster ...` fine-tuning and dkm
+    re-training run with DistributedDataParallel and only rank 0 writes OUT.
+    """
     from .checkpoint import save
-    from .cluster import METHODS, cluster as run_cluster
+    from .cluster import METHODS, cluster as run_cluster, make_config
 
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
     if finetune_epochs < 0:
         raise UsageError("--finetune-epochs must be >= 0")
-    if finetune_epochs and not data:
-        raise UsageError("--finetune-epochs needs --data (digits, a .npz or an image folder)")
+    if (finetune_epochs or retrain_epochs) and not data:
+        raise UsageError("--finetune-epochs / --retrain-epochs need --data (digits, a .npz or an image folder)")
+    if retrain_epochs < 0 or retrain_epochs and method != "dkm":
+        raise UsageError("--retrain-epochs must be >= 0 and applies to --method dkm only")
     opts = {k: v for k, v in opts.items() if v is not None and v is not False}
     m = load_cli_model(model, arch, arch_kwargs, trust_pickle)
-    cm = run_cluster(m, method, **opts)
+    if retrain_epochs:
+        from .data import load_dataset
+        from .dkm_retrain import retrain_dkm
+
+        make_config(method, opts)  # reject bad options before training
+        cm = retrain_dkm(m, load_dataset(data)[0], epochs=retrain_epochs, lam=lam, svd_every=svd_every,
+                         lr=lr, batch_size=batch_size, relax=dkm_relax, **opts)
+    else:
+        cm = run_cluster(m, method, **opts)
     if finetune_epochs:
         from .data import evaluate, load_dataset
         from .finetune import FinetuneConfig, finetune
@@ -99,7 +120,8 @@ def cluster(model, arch, arch_kwargs, trust_pickle, output, method, data, finetu
         train, test = load_dataset(data)
         before = evaluate(cm, test)
         finetune(cm, train, FinetuneConfig(epochs=finetune_epochs, lr=lr, batch_size=batch_size))
-        click.echo(f"accuracy: dense {evaluate(m, test):.2f} %, clustered {before:.2f} %, fine-tuned {evaluate(cm, test):.2f} %")
+        if int(os.environ.get("RANK", "0")) == 0:
+            click.echo(f"accuracy: dense {evaluate(m, test):.2f} %, clustered {before:.2f} %, fine-tuned {evaluate(cm, test):.2f} %")
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
         save(cm, output)
         click.echo(f"wrote {output} ({len(cm.kcompile_report)} layers clustered with {method})")
@@ -110,12 +132,20 @@ def cluster(model, arch, arch_kwargs, trust_pickle, output, method, data, finetu
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--input-shape", default=None, help="N,C,H,W used to count FLOPs (zoo models know theirs).")
-def inspect(model, arch, arch_kwargs, trust_pickle, as_json, input_shape):
+@click.option("--invalid-threshold", type=float, default=None,
+              help="Also count invalid filters (L1 norm below this threshold), per layer and in total.")
+def inspect(model, arch, arch_kwargs, trust_pickle, as_json, input_shape, invalid_threshold):
     """Per-layer method, unit, K, index bits, bytes, compression ratios and FLOPs."""
     from .report import inspect_model
 
+    if invalid_threshold is not None and invalid_threshold <= 0:
+        raise UsageError(f"--invalid-threshold must be positive (got {invalid_threshold})")
     m = load_cli_model(model, arch, arch_kwargs, trust_pickle)
     rep = inspect_model(m, parse_shape(input_shape))
+    if invalid_threshold is not None:
+        from .invalid_filters import invalid_filters
+
+        rep["invalid_filters"] = invalid_filters(m, invalid_threshold)
     if as_json:
         click.echo(json.dumps(rep, indent=2))
         return
@@ -135,6 +165,10 @@ def inspect(model, arch, arch_kwargs, trust_pickle, as_json, input_shape):
               f"(compression {rep['compression_ratio']:.2f}x; clustered layers {rep['clustered_layers_ratio']:.2f}x)")
     for k, v in rep["method_ratios"].items():
         con.print(f"  {k} accounting: {v:.2f}x")
+    inv = rep.get("invalid_filters")
+    if inv is not None:
+        per = ", ".join(f"{n} {v['invalid']}/{v['filters']}" for n, v in inv["layers"].items() if v["invalid"])
+        con.print(f"invalid filters (L1 < {inv['threshold']}): {inv['invalid']}/{inv['filters']}" + (f" ({per})" if per else ""))
     if rep["macs_dense"] is not None:
         con.print(f"MACs per image: dense {rep['macs_dense']:,} -> clustered {rep['macs_clustered']:,} "
                   f"({rep['macs_dense'] / max(rep['macs_clustered'], 1):.2f}x fewer, accumulations counted)")

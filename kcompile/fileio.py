@@ -28,8 +28,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
     except OSError as e:
         raise KcompileError(f"cannot write {path}: {e.strerror}") from None
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield tmp
+        if os.path.isfile(tmp):
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

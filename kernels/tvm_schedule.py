@@ -292,17 +292,6 @@ def schedule_direct_cuda(sch, spec: ConvSpec, tl: CudaTiles) -> None:
     sch.decompose_reduction(dl, _present(*iter_loops(sch, dl, 2)[3:])[0])
 
 
-def _blocks(sch) -> set[str]:
-    names = set()
-    for name in ("xpad", "z", "acc", "dense", "out"):
-        try:
-            sch.get_sblock(name)
-            names.add(name)
-        except Exception:  # noqa: BLE001 - block absent
-            pass
-    return names
-
-
 # ----------------------------------------------------------------------------- entry
 def plan_tiles(spec: ConvSpec, arrays: ConvArrays, target_kind: str, threads: int = 2):
     """Tiles for ``target_kind``; their ``P`` is the wide length the compute must use."""

@@ -140,3 +140,13 @@ def test_console_script_help_and_error():
     r = subprocess.run([sys.executable, "-m", "kcompile.cli", "cluster", "zoo:digits-resnet", "-o", "/nonexistent/x.pth",
                         "--method", "nope"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_inspect_invalid_filters_and_retrain_flag(tmp_path, sd, capsys):
+    p, arch = sd
+    code, o, _ = run(["inspect", str(p), "--arch", arch, "--json", "--input-shape", "1,3,8,8", "--invalid-threshold", "1e9"], capsys)
+    inv = json.loads(o)["invalid_filters"]
+    assert code == 0 and inv["invalid"] == inv["filters"] == 8 + 8 + 16 + 16  # every filter is below 1e9
+    code, _, err = run(["cluster", str(p), "--arch", arch, "--method", "son", "--retrain-epochs", "1", "--data", "digits",
+                        "-o", str(tmp_path / "o.pth")], capsys)
+    assert code == 2 and "dkm only" in err and not (tmp_path / "o.pth").exists()

@@ -4,7 +4,7 @@ Each conv's weight (O, C, kh, kw) is cut into N = O*C*kh rows of length kw (1x1 
 scalars); K = round(rate * N) (at least 1) or a fixed ``k`` shared rows per layer. With
 ``sparsity`` p, the fraction p of rows with the smallest L2 norm forms one cluster pinned
 at zero (codebook row 0) and (K-1)-means clusters the rest. The spectral re-training
-regulariser is a separate step (kcompile.train), not part of this one-shot plan.
+regulariser is a separate step (kcompile.dkm_retrain), not part of this one-shot plan.
 """
 
 from __future__ import annotations
