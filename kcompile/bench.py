@@ -349,6 +349,13 @@ def run_bench(cases: list[Case], backends=BACKENDS, threads: int = 2, runs: int 
     def where(case):
         return f"{case.model_name}:{case.layer or 'model'}"
 
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    if load > (os.cpu_count() or 1):
+        note(f"load average {load:.1f} on {os.cpu_count()} CPUs: timings are noisy, and multi-threaded "
+             f"OpenMP convs stall at barriers on an oversubscribed machine (compare --threads 1)")
     order = ("torch-dense",) + tuple(b for b in backends if b != "torch-dense")
     with tempfile.TemporaryDirectory(prefix="kcompile-bench-") as workdir, progress(show_progress) as prog:
         task = prog.add_task("bench", total=len(cases), info="")

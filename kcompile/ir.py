@@ -253,8 +253,11 @@ class ClusteredWeight:
         hw = out_hw[0] * out_hw[1]
         O = self.shape[0]
         dense = O * math.prod(self.shape[1:]) * hw
-        if self.unit == "filter":
-            n = int(torch.unique(self.global_index()).numel())
+        if self.unit == "filter":  # distinct (group, filter) pairs: groups read different inputs
+            idx = self.global_index()
+            if groups > 1:
+                idx = idx + (torch.arange(O) // (O // groups)) * self.K
+            n = int(torch.unique(idx).numel())
             return {"dense": dense, "shared": n * self.D * hw, "form": "filter-gather"}
         units_per_out = self.num_units // O
         if self.pruned is not None:

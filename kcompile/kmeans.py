@@ -51,6 +51,8 @@ __all__ = ["KMeansResult", "kmeans", "assign", "d4_permutations"]
 _BIG = 1e30  # squared distance of padding centroids: never the nearest, finite (no inf - inf)
 _BLOCK_ELEMS = 1 << 20  # distances computed per block in the assignment (4 MB of float32)
 _PP_ELEMS = 1 << 20  # distances per block in k-means++
+_POINT_BLOCK = 1 << 16  # points per block of bound tests in the Lloyd iterations
+_SLACK = 1.0 + 2.0**-14  # bounds are trusted only with this relative margin (float32 rounding)
 _SEED_MIX = 0x9E3779B97F4A7C15  # to derive per-step generator seeds from (seed, step)
 
 
@@ -177,26 +179,45 @@ def _argmin_small(t: torch.Tensor, dim: int) -> torch.Tensor:
     return key.amin(dim).bitwise_and_((1 << bits) - 1).to(torch.int64)
 
 
-def _nearest(dt: torch.Tensor, p: int, q: int) -> torch.Tensor:
-    """Index of the nearest of (B, P*Q, M) squared distances over dim 1 (the lowest index
-    among exact ties).
+def _nearest(dt: torch.Tensor, p: int, q: int):
+    """Nearest and second nearest of (B, P*Q, M) squared distances over dim 1.
 
     ``torch.min(dim)`` is slow on CPU, so: two vectorised passes (minimum over the rows,
     minimum over the columns), the argmin of each small result by packed keys, and a check
-    that the element found holds the minimum (an exact argmin where it does not).
+    that the element found holds the minimum (an exact argmin where it does not; exact
+    ties go to the lowest index). The second nearest is the minimum over the other rows and
+    the other columns. Returns (index, d1, d2).
     """
     b, _, m = dt.shape
     d4 = dt.view(b, p, q, m)
     g = d4.amin(1).clamp_(min=0)  # (B, Q, M)
     h = d4.amin(2).clamp_(min=0)  # (B, P, M)
     d1 = h.amin(1)
-    idx = _argmin_small(h, 1) * q + _argmin_small(g, 1)
+    pi = _argmin_small(h, 1)
+    qi = _argmin_small(g, 1)
+    idx = pi * q + qi
     v = dt.gather(1, idx.unsqueeze(1)).squeeze(1).clamp_(min=0)
     bad = v != d1
     if bool(bad.any()):  # near-ties mis-ordered by the packed keys, or exact ties
         bb, mm = bad.nonzero(as_tuple=True)
-        idx[bb, mm] = dt[bb, :, mm].clamp(min=0).argmin(1)
-    return idx
+        i0 = dt[bb, :, mm].clamp(min=0).argmin(1)
+        idx[bb, mm] = i0
+        pi[bb, mm] = i0 // q
+        qi[bb, mm] = i0 % q
+    g.scatter_(1, qi.unsqueeze(1), _BIG)
+    h.scatter_(1, pi.unsqueeze(1), _BIG)
+    return idx, d1, torch.minimum(g.amin(1), h.amin(1))
+
+
+def _known(dt: torch.Tensor, old: torch.Tensor):
+    """For points whose candidate ``old`` (B, M) is known: the squared distance v to it and
+    the nearest squared distance d to the other candidates (one vectorised pass). v <= d:
+    ``old`` is still the nearest (ties keep it) and d the second nearest. ``dt`` is
+    overwritten."""
+    o = old.unsqueeze(1)
+    v = dt.gather(1, o).squeeze(1).clamp_(min=0)
+    dt.scatter_(1, o, _BIG)
+    return v, dt.amin(1).clamp_(min=0)
 
 
 def _orbit_mean(m: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
@@ -334,19 +355,25 @@ class _Problem:
             x = x.gather(1, self.inv[t])
         return x.to(torch.float64)
 
-    # nearest candidate of a subset of points -----------------------------------------------
-    def search(self, cand_aug: torch.Tensor, bi: torch.Tensor, ni: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest candidate of each of the points (bi, ni) (sorted by
-        problem)."""
+    # nearest candidates of a subset of points ----------------------------------------------
+    def search(self, cand_aug: torch.Tensor, bi: torch.Tensor, ni: torch.Tensor, old=None):
+        """Nearest candidates of the points (bi, ni) (sorted by problem).
+
+        Without ``old``: (index, d1, d2), the nearest candidate and the squared distances
+        (float32) to the nearest and second nearest. With ``old`` (their current
+        candidates): (v, d), the squared distances to the current candidate and to the
+        nearest other one."""
         m = bi.numel()
         dev = self.dev
         if m == 0:
-            return bi.clone()
+            e = torch.empty(0, dtype=torch.float32, device=dev)
+            return (e, e.clone()) if old is not None else (bi.clone(), e, e.clone())
         # lay the points out per problem: (problems with points, most points per problem)
         if self.B == 1:
             probs = torch.zeros(1, dtype=torch.int64, device=dev)
             bp, mmax = 1, m
             pad = ni.view(1, m)
+            pad_o = None if old is None else old.view(1, m)
         else:
             counts = torch.bincount(bi, minlength=self.B)
             has = counts > 0
@@ -357,7 +384,13 @@ class _Problem:
             mmax = int(counts.max())
             pad = torch.zeros(bp, mmax, dtype=torch.int64, device=dev)
             pad[row, pos] = ni
-        out_i = torch.empty(bp, mmax, dtype=torch.int64, device=dev)
+            pad_o = None
+            if old is not None:
+                pad_o = torch.zeros(bp, mmax, dtype=torch.int64, device=dev)
+                pad_o[row, pos] = old
+        out_i = torch.empty(bp, mmax, dtype=torch.int64, device=dev) if old is None else None
+        out_1 = torch.empty(bp, mmax, dtype=torch.float32, device=dev)
+        out_2 = torch.empty_like(out_1)
         kc = self.kc_pad
         if kc * mmax <= _BLOCK_ELEMS:
             bstep, mstep = max(1, _BLOCK_ELEMS // (kc * mmax)), mmax
@@ -377,8 +410,20 @@ class _Problem:
                     xs = xa_flat.index_select(0, (pb[:, None] * self.N + ids).view(-1))
                 xs = xs.view(b1 - b0, m1 - m0, self.D + 2)
                 dt = torch.bmm(ca, xs.transpose(1, 2))  # (b, Kc_pad, m)
-                out_i[b0:b1, m0:m1] = _nearest(dt, self.P, self.Q)
-        return out_i[0] if self.B == 1 else out_i[row, pos]
+                if old is None:
+                    i, d1, d2 = _nearest(dt, self.P, self.Q)
+                    out_i[b0:b1, m0:m1] = i
+                else:
+                    d1, d2 = _known(dt, pad_o[b0:b1, m0:m1])
+                out_1[b0:b1, m0:m1] = d1
+                out_2[b0:b1, m0:m1] = d2
+        if self.B == 1:
+            outs = (out_1[0], out_2[0]) if old is not None else (out_i[0], out_1[0], out_2[0])
+        elif old is not None:
+            outs = (out_1[row, pos], out_2[row, pos])
+        else:
+            outs = (out_i[row, pos], out_1[row, pos], out_2[row, pos])
+        return outs
 
     # k-means++ ------------------------------------------------------------------------------
     def kmeanspp(self, seed: int, n_local_trials: int | None) -> torch.Tensor:
@@ -585,69 +630,103 @@ def _inertia(X, V, centroids, labels, tr, perms) -> torch.Tensor:
 
 
 def _lloyd(pr: _Problem, C64: torch.Tensor, iters: int, tol: float):
-    """Lloyd iterations. C64: (B, Kmax, D) float64 centroids (original coordinates);
-    distances use float32 centred copies. Returns (C64, a, iterations) with a (B, N) the
-    combined candidate index t*Kmax + c.
+    """Lloyd iterations with Hamerly's bounds. C64: (B, Kmax, D) float64 centroids (original
+    coordinates); distances use float32 centred copies. Returns (C64, a, iterations) with
+    a (B, N) the combined candidate index t*Kmax + c.
 
-    The first assignment is a full nearest-candidate search. Later ones check every point in
-    blocks with one matmul and one vectorised minimum: a point keeps its candidate when no
-    other one is strictly nearer (ties keep it); the few points that moved get a full search.
-    Cluster sums are float64 and updated with the points that moved only.
+    Per point: an upper bound u on the distance to its candidate (grows by that candidate's
+    shifts) and a lower bound l on the distance to every other candidate (shrinks by the
+    largest shift), kept lazily against cumulative shift sums. Points are processed in
+    blocks; in each, only points with u > max(l, s[a]) (s: half the distance from the
+    candidate to its nearest other one) are checked, with one matmul and one vectorised
+    minimum; the few whose candidate is no longer the nearest get a full search. Cluster
+    sums are float64 and updated with the points that moved only.
     """
     B, N, D, dev = pr.B, pr.N, pr.D, pr.dev
-    Kmax, T = pr.kmax, pr.T
+    Kmax, T, kc = pr.kmax, pr.T, pr.kc_pad
     f32, f64 = torch.float32, torch.float64
     real = pr.real
     a = torch.zeros(B, N, dtype=torch.int64, device=dev)
+    us = torch.zeros(B, N, dtype=f32, device=dev)  # u = us + Sc[a]
+    ls = torch.zeros(B, N, dtype=f32, device=dev)  # l = ls - Smax
+    Sc = torch.zeros(B, kc, dtype=f64, device=dev)  # cumulative shift of each candidate
+    Smax = torch.zeros(B, dtype=f64, device=dev)  # cumulative largest shift
     sums = torch.zeros(B * Kmax, D, dtype=f64, device=dev)
     counts = torch.zeros(B * Kmax, dtype=torch.int64, device=dev)
     active = torch.ones(B, dtype=torch.bool, device=dev)
     tol_b = tol * pr.tol_scale
     n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
-    moved = torch.zeros(B, N, dtype=torch.bool, device=dev)
-    kc = pr.kc_pad
-    if kc * N <= _BLOCK_ELEMS:
-        bstep, nstep = max(1, _BLOCK_ELEMS // (kc * N)), N
+    rms = pr.tol_scale.mul(D).sqrt()  # (B,) typical norm of a centred point
+    # blocks of points for the bound tests: whole problems when they are small
+    if N >= _POINT_BLOCK:
+        bstep, nstep = 1, _POINT_BLOCK
     else:
-        bstep, nstep = 1, max(1, _BLOCK_ELEMS // kc)
+        bstep, nstep = max(1, _POINT_BLOCK // N), N
+    blocks = [(b0, min(B, b0 + bstep), n0, min(N, n0 + nstep)) for b0 in range(0, B, bstep) for n0 in range(0, N, nstep)]
 
     def centred(C64):
         return (C64 - pr.mean64[:, None, :]).to(f32) * real[..., None]
 
-    def estep(cand_aug, where, first):
+    def refresh(C):
+        cand = pr.candidates(C)  # (B, Kc, D)
+        cand_aug = _augment_centroids(cand, pr.real_c, kc)
+        s = torch.zeros(B, kc, dtype=f32, device=dev)
+        s[:, : pr.kc] = _half_sep(cand, pr.real_c)
+        return cand_aug, s
+
+    def estep(cand_aug, s, where, first):
         """Reassign the valid points of the problems in ``where``; returns the points that
         changed (bi, ni, old, new)."""
         if first:
             bi, ni = (pr.valid & where[:, None]).nonzero(as_tuple=True)
-            j = pr.search(cand_aug, bi, ni)
+            j, d1, d2 = pr.search(cand_aug, bi, ni)
             a[bi, ni] = j
+            us[bi, ni] = d1.sqrt_()
+            ls[bi, ni] = d2.sqrt_()
             return bi, ni, j, j
-        for b0 in range(0, B, bstep):
-            b1 = min(B, b0 + bstep)
+        sc32 = Sc.to(f32)
+        smax32 = Smax.to(f32)[:, None]
+        margin = ((rms + Smax) * 2.0**-18).to(f32)[:, None]  # float32 rounding of the bounds
+        ok = pr.valid & where[:, None]
+        mb, mn_, mo = [], [], []
+        for b0, b1, n0, n1 in blocks:
             if not bool(where[b0:b1].any()):
-                moved[b0:b1] = False
                 continue
-            ca = cand_aug[b0:b1]
-            for n0 in range(0, N, nstep):
-                n1 = min(N, n0 + nstep)
-                dt = torch.bmm(ca, pr.xa[b0:b1, n0:n1].transpose(1, 2))  # (b, Kc, n)
-                v = dt.gather(1, a[b0:b1, n0:n1].unsqueeze(1)).squeeze(1)
-                torch.gt(v, dt.amin(1), out=moved[b0:b1, n0:n1])
-        sel = moved & pr.valid & where[:, None]
-        bi, ni = sel.nonzero(as_tuple=True)
-        old = a[bi, ni]
-        j = pr.search(cand_aug, bi, ni)
+            ab = a[b0:b1, n0:n1]
+            u = sc32[b0:b1].gather(1, ab).add_(us[b0:b1, n0:n1]).mul_(_SLACK).add_(margin[b0:b1])
+            z = torch.maximum(ls[b0:b1, n0:n1] - smax32[b0:b1], s[b0:b1].gather(1, ab))
+            sel = (u > z).logical_and_(ok[b0:b1, n0:n1])
+            bl, nl = sel.nonzero(as_tuple=True)
+            if bl.numel() == 0:
+                continue
+            bi, ni = bl + b0, nl + n0
+            old = ab[bl, nl]
+            v, d2 = pr.search(cand_aug, bi, ni, old)
+            moved = v > d2
+            us[bi, ni] = v.sqrt_() - Sc[bi, old].to(f32)
+            ls[bi, ni] = d2.sqrt_() + smax32[bi, 0]
+            if bool(moved.any()):
+                mb.append(bi[moved])
+                mn_.append(ni[moved])
+                mo.append(old[moved])
+        if not mb:
+            e = torch.empty(0, dtype=torch.int64, device=dev)
+            return e, e, e, e
+        bi, ni, old = torch.cat(mb), torch.cat(mn_), torch.cat(mo)
+        j, d1, d2 = pr.search(cand_aug, bi, ni)
         a[bi, ni] = j
+        us[bi, ni] = d1.sqrt_() - Sc[bi, j].to(f32)
+        ls[bi, ni] = d2.sqrt_() + smax32[bi, 0]
         ch = j != old
         return bi[ch], ni[ch], old[ch], j[ch]
 
     C = centred(C64)
-    cand_aug = _augment_centroids(pr.candidates(C), pr.real_c, kc)
+    cand_aug, s = refresh(C)
     first = True
     for it in range(iters):
         if not bool(active.any()):
             break
-        bi, ni, old, new = estep(cand_aug, active, first)
+        bi, ni, old, new = estep(cand_aug, s, active, first)
         # M-step: incremental float64 cluster sums
         if bi.numel():
             xn = pr.inverse_transformed(bi, ni, new // Kmax)
@@ -670,13 +749,37 @@ def _lloyd(pr: _Problem, C64: torch.Tensor, iters: int, tol: float):
         n_iter = torch.where(active, it + 1, n_iter)
         C64 = _new_centroids(pr, C64, sums, counts, a, active)
         C_new = centred(C64)
-        shift2 = (C_new.to(f64) - C.to(f64)).pow(2).sum(-1).sum(1)
+        delta = (C_new.to(f64) - C.to(f64)).pow(2).sum(-1)  # (B, Kmax)
+        shift2 = delta.sum(1)
         C = C_new
         active = active & ~(shift2 <= tol_b)
-        cand_aug = _augment_centroids(pr.candidates(C), pr.real_c, kc)
+        # cumulative shifts for the bounds (a shift is a distance: exact under permutations)
+        dc = (delta.sqrt() * _SLACK).repeat(1, T)  # (B, Kc)
+        Sc[:, : pr.kc] += dc
+        Smax += dc.amax(1)
+        cand_aug, s = refresh(C)
     # final assignment against the final centroids (a no-op where nothing moved)
-    estep(cand_aug, torch.ones(B, dtype=torch.bool, device=dev), first)
+    estep(cand_aug, s, torch.ones(B, dtype=torch.bool, device=dev), first)
     return C64, a, int(n_iter.max()) if B else 0
+
+
+def _half_sep(cand: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Half the distance of each candidate centroid to its nearest other candidate (B, Kc),
+    from exact differences and rounded down; 0 where it is not worth computing (the other
+    bound still prunes)."""
+    B, kc, D = cand.shape
+    if kc < 2 or B * kc * kc > 4 * _BLOCK_ELEMS:
+        return torch.zeros(B, kc, dtype=torch.float32, device=cand.device)
+    out = torch.empty(B, kc, dtype=torch.float32, device=cand.device)
+    step = max(1, _BLOCK_ELEMS // (kc * kc))
+    eye = torch.eye(kc, dtype=torch.bool, device=cand.device)
+    for b0 in range(0, B, step):
+        c = cand[b0 : b0 + step]
+        r = real[b0 : b0 + step]
+        d = torch.cdist(c, c, compute_mode="donot_use_mm_for_euclid_dist")
+        d.masked_fill_(eye | ~r[:, None, :], _BIG)
+        out[b0 : b0 + step] = d.amin(2).mul_(0.5 / _SLACK)
+    return out
 
 
 def _new_centroids(pr: _Problem, C64, sums, counts, a, active) -> torch.Tensor:
@@ -783,7 +886,7 @@ def assign(x, centroids, transforms=None, k=None):
     cand = pr.candidates(C)
     cand_aug = _augment_centroids(cand, pr.real_c, pr.kc_pad)
     bi, ni = V.nonzero(as_tuple=True)
-    j = pr.search(cand_aug, bi, ni)
+    j, _, _ = pr.search(cand_aug, bi, ni)
     a = j.view(B, N)
     labels, tr = a % K, a // K
     if two_d:

@@ -17,6 +17,11 @@ from tiny_models import tiny
 RECORD_KEYS = ("model", "layer", "backend", "batch", "threads", "median_ms", "min_ms", "max_ms", "runs")
 
 
+def skip_notes(res):
+    """The notes about backends (the machine-load note comes and goes with other jobs)."""
+    return [n for n in res.notes if not n.startswith("load average")]
+
+
 def run(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -67,14 +72,16 @@ def test_missing_backend_is_skipped_with_a_note(clustered, monkeypatch):
     case = Case("tiny", None, clustered, (1, 3, 8, 8), "kse")
     res = run_bench([case], ("torch-dense", "tvm-llvm"), threads=1, runs=2, warmup=0, show_progress=False)
     assert [r["backend"] for r in res.records] == ["torch-dense"]
-    assert len(res.notes) == 1 and "tvm-llvm" in res.notes[0] and "not built yet" in res.notes[0]
+    notes = skip_notes(res)
+    assert len(notes) == 1 and "tvm-llvm" in notes[0] and "not built yet" in notes[0]
 
 
 def test_cuda_backends_skipped_without_gpu(clustered):
     case = Case("tiny", "conv", clustered, (1, 3, 8, 8), "kse")
     res = run_bench([case], ("numba-cuda", "tvm-cuda"), threads=1, runs=1, warmup=0, show_progress=False)
     assert [r["backend"] for r in res.records] == ["torch-dense"]
-    assert len(res.notes) == 2 and all("GPU" in n or "single" in n for n in res.notes)
+    notes = skip_notes(res)
+    assert len(notes) == 2 and all("GPU" in n for n in notes)
 
 
 def test_failing_backend_does_not_crash(clustered, monkeypatch):
@@ -87,7 +94,8 @@ def test_failing_backend_does_not_crash(clustered, monkeypatch):
     case = Case("tiny", None, clustered, (1, 3, 8, 8), "kse")
     res = run_bench([case], ("numba",), threads=1, runs=2, warmup=0, show_progress=False)
     assert [r["backend"] for r in res.records] == ["torch-dense"]
-    assert "kernel exploded" in res.notes[0] and "\n" not in res.notes[0]
+    notes = skip_notes(res)
+    assert len(notes) == 1 and "kernel exploded" in notes[0] and "\n" not in notes[0]
 
 
 def test_cli_bench_torch_backends_contract_json(tmp_path, clustered, capsys):

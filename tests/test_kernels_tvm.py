@@ -84,7 +84,8 @@ def test_other_units(kind):
 
 
 def test_large_layer_tiles_and_kse_q8():
-    """A resnet-like 3x3 layer (KSE, q=8 per channel): several z tiles and register blocks."""
+    """A resnet-like 3x3 layer (KSE, q=8 per channel): several z tiles, channel chunks and
+    register blocks."""
     O = C = 32
     rng = np.random.default_rng(0)
     q = 8
@@ -98,6 +99,7 @@ def test_large_layer_tiles_and_kse_q8():
     assert conv.form == "shared"
     tl = conv.tiles
     assert tl.P % tl.ZT == 0 and tl.ZT % tl.TL == 0 and tl.P >= conv.spec.wide_len()
+    assert 0 < tl.CC < conv.arrays.meta["Ck"]  # the L1 channel-chunk path is exercised
 
 
 # ----------------------------------------------------------------------------- property test

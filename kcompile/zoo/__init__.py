@@ -103,6 +103,7 @@ def build(name: str, pretrained: bool = True, **kwargs) -> nn.Module:
         model = fn(**kwargs)
     if pretrained and name in PRETRAINED:
         _load_pretrained(model, name, kwargs)
+    model.kcompile_arch = {"spec": f"zoo:{name}", "kwargs": dict(kwargs)}  # lets kcompile.save describe it
     return model
 
 
