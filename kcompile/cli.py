@@ -177,11 +177,15 @@ def inspect(model, arch, arch_kwargs, trust_pickle, as_json, input_shape, invali
 # ---------------------------------------------------------------------------------- demo
 @cli.command()
 @click.option("--epochs", type=int, default=3, show_default=True, help="Fine-tuning epochs per method.")
-def demo(epochs):
-    """Cluster the embedded zoo:digits-resnet with every method and fine-tune it."""
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per backend (median reported).")
+@click.option("-o", "--output-dir", default="kcompile-demo", show_default=True, help="Where artifacts and report.html go.")
+def demo(epochs, runs, output_dir):
+    """Cluster the embedded zoo:digits-resnet with every method, fine-tune, export, compile, time and report."""
     from .demo import run_demo
 
-    run_demo(epochs=epochs)
+    if epochs < 0 or runs < 1:
+        raise UsageError("--epochs must be >= 0 and --runs >= 1")
+    run_demo(epochs=epochs, runs=runs, out_dir=output_dir)
 
 
 _registered = False
