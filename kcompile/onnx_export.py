@@ -1,8 +1,9 @@
 """Build the ONNX graph of a (clustered) model: one ``com.kcompile`` node per clustered layer.
 
-Route: every clustered layer is temporarily swapped for a stub whose forward is the layer's
-own forward but which torch's TorchScript exporter writes as a placeholder node of domain
-``com.kcompile`` (so no exporter pass can fold a batch-norm or anything else into its weight);
+Route: every clustered layer is temporarily swapped for a stub (an autograd Function whose
+traced value is zeros of the layer's output shape) that torch's TorchScript exporter writes as
+a placeholder node of domain ``com.kcompile`` with the output's type (so no exporter pass can
+fold a batch-norm or anything else into the layer's weight, and no conv is computed);
 the placeholders are then replaced by ``ClusteredConv`` / ``ClusteredGemm`` nodes whose
 codebook, index, scales, ... are written here from the layer's IR (``ClusteredWeight``), and
 the function bodies of ``kcompile.onnx_functions`` are attached. Dense layers are exported by

@@ -534,3 +534,13 @@ def test_lossless_codebooks_after_unknown_shapes():
     om = build_onnx(cm, (1, 4, 8, 8))
     assert len(check_graph(om)) == 3
     check_three_ways(cm, om, (1, 4, 8, 8))
+
+
+def test_padding_same_with_even_kernel_is_asymmetric():
+    g = torch.Generator().manual_seed(3)
+    cw = ClusteredWeight("row", (3, 2, 2, 4), torch.randn(5, 4, generator=g), torch.randint(0, 5, (3, 2, 2), generator=g))
+    net = nn.Sequential(ClusteredConv2d(cw, padding="same", dilation=(1, 2))).eval()
+    om = build_onnx(net, (1, 2, 7, 9))
+    pads = next(onnx.helper.get_attribute_value(a) for a in om.graph.node[0].attribute if a.name == "pads")
+    assert pads == [0, 3, 1, 3]
+    check_three_ways(net, om, (1, 2, 7, 9))
