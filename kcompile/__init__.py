@@ -8,17 +8,16 @@ Public API (CONTRACT.md): ``load``, ``cluster``, ``save``, ``export``, ``compile
 
 __version__ = "0.1.0"
 
-# `cluster` is both a submodule and the API function: bind the function eagerly, so that the
-# import system (which sets package.submodule on first import) can never shadow it later.
+# `cluster` and `export` are both submodules and API functions: bind the functions eagerly, so
+# that the import system (which sets package.submodule on first import) never shadows them.
 from .cluster import cluster  # noqa: E402
+from .export import export  # noqa: E402
 
 _LAZY = {
     "load": ("kcompile.loading", "load_model"),
     "save": ("kcompile.checkpoint", "save"),
-    "export": ("kcompile.export", "export"),
     "compile": ("kcompile.compiler", "compile_model"),
     "onnxruntime_session": ("kcompile.ort", "onnxruntime_session"),
-    "finetune": ("kcompile.finetune", "finetune"),
 }
 
 

@@ -83,15 +83,3 @@ def build(model: nn.Module, shape, dynamic_batch: bool, onnx_ops: str, index_bit
         raise KcompileError(f"cannot export the model for input shape {tuple(shape)}: {msg}") from None
     onnx.checker.check_model(m, full_check=True)
     return m
-
-
-class _CallableModule(__import__("types").ModuleType):
-    """Importing ``kcompile.export`` (this module) rebinds the package attribute
-    ``kcompile.export`` from the function to the module; calling the module calls the
-    function, so the public ``kcompile.export(model, path, ...)`` keeps working."""
-
-    def __call__(self, *args, **kwargs):
-        return export(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule
