@@ -212,6 +212,12 @@ def _register_optional_commands() -> None:
 
 def main(argv=None) -> None:
     """Entry point: runs the CLI and turns every error into one line and an exit code."""
+    import warnings
+
+    def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+        click.echo(f"kcompile: warning: {str(message).splitlines()[0]}", err=True)
+
+    warnings.showwarning = _one_line_warning
     try:
         _register_optional_commands()
         rv = cli.main(args=argv, prog_name="kcompile", standalone_mode=False)

@@ -183,3 +183,15 @@ def test_finetuning_moves_centroids_with_indices_fixed():
     ds = TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,)))
     finetune(cm, ds, FinetuneConfig(epochs=1, batch_size=8), show_progress=False)
     assert torch.equal(cm.conv.index, idx) and not torch.equal(cm.conv.codebook.detach(), book)
+
+
+def test_son_network_scope_keeps_a_rare_kernel_size_dense():
+    import torch.nn as nn
+
+    m = tiny(width=16)
+    m.stem = nn.Conv2d(3, 16, 5, padding=2, bias=False)  # 48 5x5 kernels < K
+    with pytest.warns(UserWarning, match="5x5 convs \\(stem\\) have only 48 kernels for K=64: kept dense"):
+        cm = cluster(m, "son", k=64, iters=3)
+    assert type(cm.stem).__name__ == "Conv2d" and cm.conv.unit == "kernel"
+    with pytest.raises(UsageError, match="larger than the number of units"):
+        cluster(m, "son", k=64, scope="0-0=64", iters=3)  # an explicit range is the user's K: an error

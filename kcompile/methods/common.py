@@ -11,6 +11,10 @@ from ..errors import KcompileError, UsageError
 from ..ir import ClusteredWeight, narrowest_uint
 
 
+class ClusterWarning(UserWarning):
+    """A layer kept dense by a clustering method (the CLI prints it as one line)."""
+
+
 @dataclass
 class ClusterPlan:
     """A method's output: the IR per layer name, shared codebooks, and a per-layer report.

@@ -11,6 +11,7 @@ the eligible convs; layers outside every range stay dense).
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn as nn
 from ..errors import UsageError
 from ..ir import ClusteredWeight, narrowest_uint
 from ..kmeans import d4_permutations, kmeans
-from .common import ClusterPlan, conv_weight, find_layers, require_k, require_layers
+from .common import ClusterPlan, ClusterWarning, conv_weight, find_layers, require_k, require_layers
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,15 @@ def cluster_son(model: nn.Module, cfg: SonConfig) -> ClusterPlan:
             by_size.setdefault(tuple(layers[i][1].kernel_size), []).append(layers[i])
         for (kh, kw), group in by_size.items():
             key = f"son/{gname}/{kh}x{kw}"
+            n = sum(m.weight.shape[0] * m.weight.shape[1] for _, m in group)
+            if cfg.scope == "network" and n < k and len(by_size) > 1:
+                # a whole-network K is meant for the common kernel size; a rare size (a 7x7
+                # stem) with fewer kernels than K stays dense, as in the paper's ranges
+                warnings.warn(f"{kh}x{kw} convs ({', '.join(nm for nm, _ in group)}) have only {n} kernels for "
+                              f"K={k}: kept dense (give them their own K with --scope ranges)", ClusterWarning)
+                continue
             _cluster_group(plan, key, group, k, (kh, kw), cfg)
+    require_layers(list(plan.layers), "son", f"kernel-size groups with at least K={cfg.k} kernels")
     return plan
 
 
