@@ -125,6 +125,12 @@ def cluster(model, arch, arch_kwargs, trust_pickle, output, method, data, finetu
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
         save(cm, output)
         click.echo(f"wrote {output} ({len(cm.kcompile_report)} layers clustered with {method})")
+    from .distributed import is_initialized
+
+    if is_initialized():  # no rank tears the process group down while rank 0 still works
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 # ---------------------------------------------------------------------------------- inspect

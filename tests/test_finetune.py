@@ -136,5 +136,5 @@ def test_torchrun_cluster_finetune_two_ranks(tmp_path):
                         "--finetune-epochs", "1"], capture_output=True, text=True, timeout=900,
                        env={**os.environ, "KCOMPILE_QUIET": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("fine-tuned") == 2 and r.stdout.count("wrote") == 1
+    assert r.stdout.count("fine-tuned") == 1 and r.stdout.count("wrote") == 1  # only rank 0 reports and writes
     assert kcompile.load(str(out)) is not None
