@@ -7,33 +7,37 @@ problems of N = O points of D = kh*kw values, each with its own k).
 Algorithm
 ---------
 * Initialisation: greedy k-means++ as in scikit-learn (``n_local_trials = 2 + floor(ln k)``
-  candidates per step, the one that lowers the potential most is kept).  Randomness comes
-  from private ``torch.Generator`` objects derived from ``seed`` (the global RNG is never
-  touched).  Step ``c`` of every problem draws from a generator seeded with ``(seed, c)``,
-  so a problem gets the same centroids whether it is solved alone or inside a batch.
-* Lloyd iterations, computed exactly but accelerated with Hamerly's bounds (one upper bound
-  to the assigned centroid and one lower bound to the second nearest per point): a point is
-  re-examined only when the bounds cannot prove that its nearest centroid is unchanged, so
-  late iterations touch a few percent of the points.  Cluster sums are kept in float64 and
-  updated with the points that changed cluster.
+  candidates per step, the one that lowers the potential most is kept). Candidates are drawn
+  with probability proportional to the squared distance to the nearest chosen centre (two
+  levels: a block of points, then a point in the block). Randomness comes from private
+  ``torch.Generator`` objects derived from ``seed`` (the global RNG is never touched); step c
+  of every problem draws from a generator seeded with (seed, c), so a problem gets the same
+  centroids whether it is solved alone or inside a batch.
+* Lloyd iterations (scikit-learn's "lloyd"): assign every point to its nearest centroid,
+  then move every centroid to the mean of its points. After the first assignment, each
+  block of points costs one matmul and one vectorised minimum: a point keeps its centroid
+  unless another one is strictly nearer (ties keep it); the few points that moved get a full
+  nearest search. Cluster sums are float64 and updated with the points that moved only.
 * Stop per problem when no label changes, or when the squared centroid shift summed over
   the clusters is <= ``tol * mean per-dimension variance`` (scikit-learn's rule), or after
-  ``iters`` iterations.  The labels returned are those of the final centroids.
+  ``iters`` iterations. The labels returned are those of the final centroids.
 * Empty clusters are repaired at every iteration as scikit-learn does: the empty centroid
   takes the point that is farthest from its centroid (farthest-first, so that duplicated
   points are not taken twice; ties go to the lower index); a centroid never becomes NaN.
 * Distances: ``||x||^2 - 2 x.c + ||c||^2`` in float32 by matmul, on data centred per
-  problem (like scikit-learn), in blocks of at most ``2**20`` distances (4 MB), so that
-  N = 1.3 M points and K = 256 never allocate more than a few tens of MB for distances.
-  The final inertia is computed in float64 from exact differences.
+  problem (as scikit-learn does), in blocks of at most ``_BLOCK_ELEMS`` = 1 Mi distances
+  (4 MB), so N = 1.3 M points and K = 256 never allocate more than that for distances (the
+  data itself, centred and augmented, takes about 100 MB). Centroids are float64 means of
+  the original points; the final inertia is computed in float64 from exact differences.
 * Transform-invariant clustering (Son et al.): with ``transforms`` (T permutations of the D
   dims) each point is matched to the nearest of the k*T transformed centroids and centroids
   are means of inverse-transformed members.
 
-Determinism: the same input and seed give bit-identical results.  The result does not depend
-on torch's thread count either, as far as tested (tests/test_kmeans.py runs 1 vs 2 threads):
-the reductions used either have many outputs (each output is reduced by one thread in a
-fixed order) or are small enough to run serially; matmuls have an inner dimension of D + 2.
+Determinism: the same input and seed give bit-identical results. The result does not depend
+on torch's thread count either (tests/test_kmeans.py checks 1 vs 2 threads): the reductions
+used are minima (exact), or sums with many outputs (each output summed by one thread in a
+fixed order), or small enough to run serially; the matmuls have an inner dimension of D + 2
+and MKL does not split it.
 """
 
 from __future__ import annotations
@@ -50,9 +54,9 @@ __all__ = ["KMeansResult", "kmeans", "assign", "d4_permutations"]
 
 _BIG = 1e30  # squared distance of padding centroids: never the nearest, finite (no inf - inf)
 _BLOCK_ELEMS = 1 << 20  # distances computed per block in the assignment (4 MB of float32)
-_PP_ELEMS = 1 << 20  # distances per block in k-means++
-_POINT_BLOCK = 1 << 16  # points per block of bound tests in the Lloyd iterations
+_PP_ELEMS = 1 << 20  # distances per block in k-means++ (4 MB)
 _SLACK = 1.0 + 2.0**-14  # bounds are trusted only with this relative margin (float32 rounding)
+_BOUNDS = True
 _SEED_MIX = 0x9E3779B97F4A7C15  # to derive per-step generator seeds from (seed, step)
 
 
@@ -179,45 +183,37 @@ def _argmin_small(t: torch.Tensor, dim: int) -> torch.Tensor:
     return key.amin(dim).bitwise_and_((1 << bits) - 1).to(torch.int64)
 
 
-def _nearest(dt: torch.Tensor, p: int, q: int):
-    """Nearest and second nearest of (B, P*Q, M) squared distances over dim 1.
+def _nearest(dt: torch.Tensor, p: int, q: int) -> torch.Tensor:
+    """Index of the nearest of (B, P*Q, M) squared distances over dim 1 (the lowest index
+    among exact ties).
 
     ``torch.min(dim)`` is slow on CPU, so: two vectorised passes (minimum over the rows,
     minimum over the columns), the argmin of each small result by packed keys, and a check
-    that the element found holds the minimum (an exact argmin where it does not; exact
-    ties go to the lowest index). The second nearest is the minimum over the other rows and
-    the other columns. Returns (index, d1, d2).
+    that the element found holds the minimum (an exact argmin where it does not).
     """
     b, _, m = dt.shape
     d4 = dt.view(b, p, q, m)
     g = d4.amin(1).clamp_(min=0)  # (B, Q, M)
     h = d4.amin(2).clamp_(min=0)  # (B, P, M)
     d1 = h.amin(1)
-    pi = _argmin_small(h, 1)
-    qi = _argmin_small(g, 1)
-    idx = pi * q + qi
+    idx = _argmin_small(h, 1) * q + _argmin_small(g, 1)
     v = dt.gather(1, idx.unsqueeze(1)).squeeze(1).clamp_(min=0)
     bad = v != d1
     if bool(bad.any()):  # near-ties mis-ordered by the packed keys, or exact ties
         bb, mm = bad.nonzero(as_tuple=True)
-        i0 = dt[bb, :, mm].clamp(min=0).argmin(1)
-        idx[bb, mm] = i0
-        pi[bb, mm] = i0 // q
-        qi[bb, mm] = i0 % q
-    g.scatter_(1, qi.unsqueeze(1), _BIG)
-    h.scatter_(1, pi.unsqueeze(1), _BIG)
-    return idx, d1, torch.minimum(g.amin(1), h.amin(1))
+        idx[bb, mm] = dt[bb, :, mm].clamp(min=0).argmin(1)
+    return idx
 
 
-def _known(dt: torch.Tensor, old: torch.Tensor):
-    """For points whose candidate ``old`` (B, M) is known: the squared distance v to it and
-    the nearest squared distance d to the other candidates (one vectorised pass). v <= d:
-    ``old`` is still the nearest (ties keep it) and d the second nearest. ``dt`` is
-    overwritten."""
-    o = old.unsqueeze(1)
-    v = dt.gather(1, o).squeeze(1).clamp_(min=0)
-    dt.scatter_(1, o, _BIG)
-    return v, dt.amin(1).clamp_(min=0)
+def _known(d: torch.Tensor, old: torch.Tensor):
+    """Row layout (B, M, Kc) squared distances of points whose candidate ``old`` (B, M) is
+    known: the squared distance v to it and the nearest squared distance to the other
+    candidates (one vectorised pass; ``d`` is overwritten). v <= that: ``old`` is still the
+    nearest (ties keep it)."""
+    o = old.unsqueeze(2)
+    v = d.gather(2, o).squeeze(2)
+    d.scatter_(2, o, _BIG)
+    return v, d.amin(2)
 
 
 def _orbit_mean(m: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
@@ -357,17 +353,14 @@ class _Problem:
 
     # nearest candidates of a subset of points ----------------------------------------------
     def search(self, cand_aug: torch.Tensor, bi: torch.Tensor, ni: torch.Tensor, old=None):
-        """Nearest candidates of the points (bi, ni) (sorted by problem).
-
-        Without ``old``: (index, d1, d2), the nearest candidate and the squared distances
-        (float32) to the nearest and second nearest. With ``old`` (their current
-        candidates): (v, d), the squared distances to the current candidate and to the
-        nearest other one."""
+        """Nearest candidates of the points (bi, ni) (sorted by problem): their indices.
+        With ``old`` (their current candidates): (v, d), the squared distances (float32) to
+        the current candidate and to the nearest other one."""
         m = bi.numel()
         dev = self.dev
         if m == 0:
             e = torch.empty(0, dtype=torch.float32, device=dev)
-            return (e, e.clone()) if old is not None else (bi.clone(), e, e.clone())
+            return bi.clone() if old is None else (e, e.clone())
         # lay the points out per problem: (problems with points, most points per problem)
         if self.B == 1:
             probs = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -388,9 +381,11 @@ class _Problem:
             if old is not None:
                 pad_o = torch.zeros(bp, mmax, dtype=torch.int64, device=dev)
                 pad_o[row, pos] = old
-        out_i = torch.empty(bp, mmax, dtype=torch.int64, device=dev) if old is None else None
-        out_1 = torch.empty(bp, mmax, dtype=torch.float32, device=dev)
-        out_2 = torch.empty_like(out_1)
+        if old is None:
+            out_i = torch.empty(bp, mmax, dtype=torch.int64, device=dev)
+        else:
+            out_v = torch.empty(bp, mmax, dtype=torch.float32, device=dev)
+            out_d = torch.empty_like(out_v)
         kc = self.kc_pad
         if kc * mmax <= _BLOCK_ELEMS:
             bstep, mstep = max(1, _BLOCK_ELEMS // (kc * mmax)), mmax
@@ -401,6 +396,8 @@ class _Problem:
             b1 = min(bp, b0 + bstep)
             pb = probs[b0:b1]
             ca = cand_aug if b1 - b0 == self.B else cand_aug.index_select(0, pb)
+            if old is not None:
+                cat = ca.transpose(1, 2).contiguous()
             for m0 in range(0, mmax, mstep):
                 m1 = min(mmax, m0 + mstep)
                 ids = pad[b0:b1, m0:m1]
@@ -409,21 +406,18 @@ class _Problem:
                 else:
                     xs = xa_flat.index_select(0, (pb[:, None] * self.N + ids).view(-1))
                 xs = xs.view(b1 - b0, m1 - m0, self.D + 2)
-                dt = torch.bmm(ca, xs.transpose(1, 2))  # (b, Kc_pad, m)
                 if old is None:
-                    i, d1, d2 = _nearest(dt, self.P, self.Q)
-                    out_i[b0:b1, m0:m1] = i
+                    dt = torch.bmm(ca, xs.transpose(1, 2))  # (b, Kc_pad, m)
+                    out_i[b0:b1, m0:m1] = _nearest(dt, self.P, self.Q)
                 else:
-                    d1, d2 = _known(dt, pad_o[b0:b1, m0:m1])
-                out_1[b0:b1, m0:m1] = d1
-                out_2[b0:b1, m0:m1] = d2
+                    v, dn = _known(torch.bmm(xs, cat), pad_o[b0:b1, m0:m1])
+                    out_v[b0:b1, m0:m1] = v
+                    out_d[b0:b1, m0:m1] = dn
+        if old is None:
+            return out_i[0] if self.B == 1 else out_i[row, pos]
         if self.B == 1:
-            outs = (out_1[0], out_2[0]) if old is not None else (out_i[0], out_1[0], out_2[0])
-        elif old is not None:
-            outs = (out_1[row, pos], out_2[row, pos])
-        else:
-            outs = (out_i[row, pos], out_1[row, pos], out_2[row, pos])
-        return outs
+            return out_v[0], out_d[0]
+        return out_v[row, pos], out_d[row, pos]
 
     # k-means++ ------------------------------------------------------------------------------
     def kmeanspp(self, seed: int, n_local_trials: int | None) -> torch.Tensor:
@@ -630,103 +624,110 @@ def _inertia(X, V, centroids, labels, tr, perms) -> torch.Tensor:
 
 
 def _lloyd(pr: _Problem, C64: torch.Tensor, iters: int, tol: float):
-    """Lloyd iterations with Hamerly's bounds. C64: (B, Kmax, D) float64 centroids (original
-    coordinates); distances use float32 centred copies. Returns (C64, a, iterations) with
-    a (B, N) the combined candidate index t*Kmax + c.
+    """Lloyd iterations. C64: (B, Kmax, D) float64 centroids (original coordinates);
+    distances use float32 centred copies. Returns (C64, a, iterations) with a (B, N) the
+    combined candidate index t*Kmax + c.
 
-    Per point: an upper bound u on the distance to its candidate (grows by that candidate's
-    shifts) and a lower bound l on the distance to every other candidate (shrinks by the
-    largest shift), kept lazily against cumulative shift sums. Points are processed in
-    blocks; in each, only points with u > max(l, s[a]) (s: half the distance from the
-    candidate to its nearest other one) are checked, with one matmul and one vectorised
-    minimum; the few whose candidate is no longer the nearest get a full search. Cluster
-    sums are float64 and updated with the points that moved only.
+    The first assignment is a full nearest-candidate search. Later ones check every point in
+    blocks with one matmul and one vectorised minimum: a point keeps its candidate when no
+    other one is strictly nearer (ties keep it); the few points that moved get a full search.
+    Cluster sums are float64 and updated with the points that moved only.
     """
     B, N, D, dev = pr.B, pr.N, pr.D, pr.dev
-    Kmax, T, kc = pr.kmax, pr.T, pr.kc_pad
+    Kmax, T = pr.kmax, pr.T
     f32, f64 = torch.float32, torch.float64
     real = pr.real
     a = torch.zeros(B, N, dtype=torch.int64, device=dev)
-    us = torch.zeros(B, N, dtype=f32, device=dev)  # u = us + Sc[a]
-    ls = torch.zeros(B, N, dtype=f32, device=dev)  # l = ls - Smax
-    Sc = torch.zeros(B, kc, dtype=f64, device=dev)  # cumulative shift of each candidate
-    Smax = torch.zeros(B, dtype=f64, device=dev)  # cumulative largest shift
     sums = torch.zeros(B * Kmax, D, dtype=f64, device=dev)
     counts = torch.zeros(B * Kmax, dtype=torch.int64, device=dev)
     active = torch.ones(B, dtype=torch.bool, device=dev)
     tol_b = tol * pr.tol_scale
     n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
+    moved = torch.zeros(B, N, dtype=torch.bool, device=dev)
+    kc = pr.kc_pad
+    us = torch.full((B, N), torch.inf, dtype=f32, device=dev)  # u = us + Sc[a] (upper bound)
+    ls = torch.zeros(B, N, dtype=f32, device=dev)  # l = ls - Smax (lower bound, others)
+    Sc = torch.zeros(B, kc, dtype=f64, device=dev)  # cumulative shift of each candidate
+    Smax = torch.zeros(B, dtype=f64, device=dev)  # cumulative largest shift
     rms = pr.tol_scale.mul(D).sqrt()  # (B,) typical norm of a centred point
-    # blocks of points for the bound tests: whole problems when they are small
-    if N >= _POINT_BLOCK:
-        bstep, nstep = 1, _POINT_BLOCK
+    all_valid = bool(pr.valid.all())
+    s_half = torch.zeros(B, kc, dtype=f32, device=dev)
+    if kc * N <= _BLOCK_ELEMS:
+        bstep, nstep = max(1, _BLOCK_ELEMS // (kc * N)), N
     else:
-        bstep, nstep = max(1, _POINT_BLOCK // N), N
-    blocks = [(b0, min(B, b0 + bstep), n0, min(N, n0 + nstep)) for b0 in range(0, B, bstep) for n0 in range(0, N, nstep)]
+        bstep, nstep = 1, max(1, _BLOCK_ELEMS // kc)
 
     def centred(C64):
         return (C64 - pr.mean64[:, None, :]).to(f32) * real[..., None]
 
-    def refresh(C):
-        cand = pr.candidates(C)  # (B, Kc, D)
-        cand_aug = _augment_centroids(cand, pr.real_c, kc)
-        s = torch.zeros(B, kc, dtype=f32, device=dev)
-        s[:, : pr.kc] = _half_sep(cand, pr.real_c)
-        return cand_aug, s
-
-    def estep(cand_aug, s, where, first):
+    def estep(cand_aug, where, first):
         """Reassign the valid points of the problems in ``where``; returns the points that
         changed (bi, ni, old, new)."""
         if first:
             bi, ni = (pr.valid & where[:, None]).nonzero(as_tuple=True)
-            j, d1, d2 = pr.search(cand_aug, bi, ni)
+            j = pr.search(cand_aug, bi, ni)
             a[bi, ni] = j
-            us[bi, ni] = d1.sqrt_()
-            ls[bi, ni] = d2.sqrt_()
             return bi, ni, j, j
-        sc32 = Sc.to(f32)
-        smax32 = Smax.to(f32)[:, None]
-        margin = ((rms + Smax) * 2.0**-18).to(f32)[:, None]  # float32 rounding of the bounds
-        ok = pr.valid & where[:, None]
-        mb, mn_, mo = [], [], []
-        for b0, b1, n0, n1 in blocks:
+        if _BOUNDS:
+            return estep_bounds(cand_aug, where)
+        for b0 in range(0, B, bstep):
+            b1 = min(B, b0 + bstep)
             if not bool(where[b0:b1].any()):
+                moved[b0:b1] = False
                 continue
-            ab = a[b0:b1, n0:n1]
-            u = sc32[b0:b1].gather(1, ab).add_(us[b0:b1, n0:n1]).mul_(_SLACK).add_(margin[b0:b1])
-            z = torch.maximum(ls[b0:b1, n0:n1] - smax32[b0:b1], s[b0:b1].gather(1, ab))
-            sel = (u > z).logical_and_(ok[b0:b1, n0:n1])
-            bl, nl = sel.nonzero(as_tuple=True)
-            if bl.numel() == 0:
-                continue
-            bi, ni = bl + b0, nl + n0
-            old = ab[bl, nl]
-            v, d2 = pr.search(cand_aug, bi, ni, old)
-            moved = v > d2
-            us[bi, ni] = v.sqrt_() - Sc[bi, old].to(f32)
-            ls[bi, ni] = d2.sqrt_() + smax32[bi, 0]
-            if bool(moved.any()):
-                mb.append(bi[moved])
-                mn_.append(ni[moved])
-                mo.append(old[moved])
-        if not mb:
-            e = torch.empty(0, dtype=torch.int64, device=dev)
-            return e, e, e, e
-        bi, ni, old = torch.cat(mb), torch.cat(mn_), torch.cat(mo)
-        j, d1, d2 = pr.search(cand_aug, bi, ni)
+            cat = cand_aug[b0:b1].transpose(1, 2).contiguous()  # (b, D + 2, Kc)
+            for n0 in range(0, N, nstep):
+                n1 = min(N, n0 + nstep)
+                d = torch.bmm(pr.xa[b0:b1, n0:n1], cat)  # (b, n, Kc)
+                v = d.gather(2, a[b0:b1, n0:n1].unsqueeze(2)).squeeze(2)
+                torch.gt(v, d.amin(2), out=moved[b0:b1, n0:n1])
+        sel = moved & pr.valid & where[:, None]
+        bi, ni = sel.nonzero(as_tuple=True)
+        old = a[bi, ni]
+        j = pr.search(cand_aug, bi, ni)
         a[bi, ni] = j
-        us[bi, ni] = d1.sqrt_() - Sc[bi, j].to(f32)
-        ls[bi, ni] = d2.sqrt_() + smax32[bi, 0]
         ch = j != old
         return bi[ch], ni[ch], old[ch], j[ch]
 
+    def estep_bounds(cand_aug, where):
+        margin = ((rms + Smax) * 2.0**-18).to(f32)  # float32 rounding of the bound arithmetic
+        u = Sc.to(f32).gather(1, a).add_(us).mul_(_SLACK).add_(margin[:, None])
+        z = torch.maximum(ls - Smax.to(f32)[:, None], s_half.gather(1, a))
+        need = u > z
+        del u, z
+        if not (all_valid and bool(where.all())):
+            need &= pr.valid & where[:, None]
+        if B == 1:
+            ni = need.view(-1).nonzero().squeeze(1)
+            bi = torch.zeros_like(ni)
+        else:
+            bi, ni = need.nonzero(as_tuple=True)
+        old = a[bi, ni]
+        v, dn = pr.search(cand_aug, bi, ni, old)
+        us[bi, ni] = v.clamp(min=0).sqrt_() - Sc[bi, old].to(f32)
+        ls[bi, ni] = dn.clamp(min=0).sqrt_() + Smax[bi].to(f32)
+        mv = (v > dn).nonzero().squeeze(1)
+        bi, ni, old = bi[mv], ni[mv], old[mv]
+        j = pr.search(cand_aug, bi, ni)
+        a[bi, ni] = j
+        v, dn = pr.search(cand_aug, bi, ni, j)
+        us[bi, ni] = v.clamp(min=0).sqrt_() - Sc[bi, j].to(f32)
+        ls[bi, ni] = dn.clamp(min=0).sqrt_() + Smax[bi].to(f32)
+        ch = j != old
+        return bi[ch], ni[ch], old[ch], j[ch]
+
+    def refresh(C):
+        cand = pr.candidates(C)
+        s_half[:, : pr.kc] = _half_sep(cand, pr.real_c)
+        return _augment_centroids(cand, pr.real_c, kc)
+
     C = centred(C64)
-    cand_aug, s = refresh(C)
+    cand_aug = refresh(C)
     first = True
     for it in range(iters):
         if not bool(active.any()):
             break
-        bi, ni, old, new = estep(cand_aug, s, active, first)
+        bi, ni, old, new = estep(cand_aug, active, first)
         # M-step: incremental float64 cluster sums
         if bi.numel():
             xn = pr.inverse_transformed(bi, ni, new // Kmax)
@@ -757,9 +758,9 @@ def _lloyd(pr: _Problem, C64: torch.Tensor, iters: int, tol: float):
         dc = (delta.sqrt() * _SLACK).repeat(1, T)  # (B, Kc)
         Sc[:, : pr.kc] += dc
         Smax += dc.amax(1)
-        cand_aug, s = refresh(C)
+        cand_aug = refresh(C)
     # final assignment against the final centroids (a no-op where nothing moved)
-    estep(cand_aug, s, torch.ones(B, dtype=torch.bool, device=dev), first)
+    estep(cand_aug, torch.ones(B, dtype=torch.bool, device=dev), first)
     return C64, a, int(n_iter.max()) if B else 0
 
 
@@ -886,7 +887,7 @@ def assign(x, centroids, transforms=None, k=None):
     cand = pr.candidates(C)
     cand_aug = _augment_centroids(cand, pr.real_c, pr.kc_pad)
     bi, ni = V.nonzero(as_tuple=True)
-    j, _, _ = pr.search(cand_aug, bi, ni)
+    j = pr.search(cand_aug, bi, ni)
     a = j.view(B, N)
     labels, tr = a % K, a // K
     if two_d:

@@ -198,7 +198,6 @@ def test_block_size_does_not_change_result(monkeypatch):
     r1 = kmeans(x, [12, 20], seed=1, iters=5)
     monkeypatch.setattr(km_mod, "_BLOCK_ELEMS", 5000)
     monkeypatch.setattr(km_mod, "_PP_ELEMS", 5000)
-    monkeypatch.setattr(km_mod, "_POINT_BLOCK", 1000)
     r2 = kmeans(x, [12, 20], seed=1, iters=5)
     assert torch.equal(r1.labels, r2.labels)
     torch.testing.assert_close(r1.centroids, r2.centroids, atol=1e-6, rtol=0)
