@@ -221,6 +221,8 @@ def main(argv=None) -> None:
     import warnings
 
     def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+            return  # libraries' API deprecations are not the user's business
         click.echo(f"kcompile: warning: {str(message).splitlines()[0]}", err=True)
 
     warnings.showwarning = _one_line_warning
