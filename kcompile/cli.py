@@ -24,19 +24,24 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
+def parse_arch_kwargs(arch_kwargs: str | None) -> dict | None:
+    """--arch-kwargs JSON text -> dict (None when absent); UsageError for anything else."""
+    if not arch_kwargs:
+        return None
+    try:
+        kwargs = json.loads(arch_kwargs)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--arch-kwargs is not valid JSON: {e.msg}") from None
+    if not isinstance(kwargs, dict):
+        raise UsageError("--arch-kwargs must be a JSON object like '{\"num_classes\": 10}'")
+    return kwargs
+
+
 def load_cli_model(model: str, arch: str | None, arch_kwargs: str | None, trust_pickle: bool):
     """kcompile.load with the CLI's --arch / --arch-kwargs / --trust-pickle."""
     from .loading import load_model
 
-    kwargs = None
-    if arch_kwargs:
-        try:
-            kwargs = json.loads(arch_kwargs)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"--arch-kwargs is not valid JSON: {e.msg}") from None
-        if not isinstance(kwargs, dict):
-            raise UsageError("--arch-kwargs must be a JSON object like '{\"num_classes\": 10}'")
-    return load_model(model, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle)
+    return load_model(model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle)
 
 
 def model_options(f):

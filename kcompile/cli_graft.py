@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import click
 
@@ -42,14 +41,9 @@ def graft(arch, arch_kwargs, data, num, epochs, output, a, c, dlr, cos, lr, mome
     """
     from .graft import GraftConfig, run_graft
 
-    kwargs = {}
-    if arch_kwargs:
-        try:
-            kwargs = json.loads(arch_kwargs)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"--arch-kwargs is not valid JSON: {e.msg}") from None
-        if not isinstance(kwargs, dict):
-            raise UsageError("--arch-kwargs must be a JSON object like '{\"num_classes\": 10}'")
+    from .cli import parse_arch_kwargs
+
+    kwargs = parse_arch_kwargs(arch_kwargs) or {}
     if num is None:
         from .distributed import env_world
 

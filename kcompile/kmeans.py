@@ -56,7 +56,7 @@ _BIG = 1e30  # squared distance of padding centroids: never the nearest, finite 
 _BLOCK_ELEMS = 1 << 20  # distances computed per block in the assignment (4 MB of float32)
 _PP_ELEMS = 1 << 20  # distances per block in k-means++ (4 MB)
 _SLACK = 1.0 + 2.0**-14  # bounds are trusted only with this relative margin (float32 rounding)
-_BOUNDS = False
+_BOUNDS = True
 _SEED_MIX = 0x9E3779B97F4A7C15  # to derive per-step generator seeds from (seed, step)
 
 
