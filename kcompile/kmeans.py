@@ -14,10 +14,12 @@ Algorithm
   of every problem draws from a generator seeded with (seed, c), so a problem gets the same
   centroids whether it is solved alone or inside a batch.
 * Lloyd iterations (scikit-learn's "lloyd"): assign every point to its nearest centroid,
-  then move every centroid to the mean of its points. After the first assignment, each
-  block of points costs one matmul and one vectorised minimum: a point keeps its centroid
-  unless another one is strictly nearer (ties keep it); the few points that moved get a full
-  nearest search. Cluster sums are float64 and updated with the points that moved only.
+  then move every centroid to the mean of its points. Computed exactly, but Hamerly's
+  bounds (one upper and one lower bound per point) skip the points whose centroid provably
+  did not change; the others are checked in blocks with one matmul and one vectorised
+  minimum (a point keeps its centroid unless another one is strictly nearer: ties keep it),
+  and the few that moved get a full nearest search. Cluster sums are float64 and updated
+  with the points that moved only.
 * Stop per problem when no label changes, or when the squared centroid shift summed over
   the clusters is <= ``tol * mean per-dimension variance`` (scikit-learn's rule), or after
   ``iters`` iterations. The labels returned are those of the final centroids.
@@ -43,7 +45,6 @@ and MKL does not split it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,6 @@ _BIG = 1e30  # squared distance of padding centroids: never the nearest, finite 
 _BLOCK_ELEMS = 1 << 20  # distances computed per block in the assignment (4 MB of float32)
 _PP_ELEMS = 1 << 20  # distances per block in k-means++ (4 MB)
 _SLACK = 1.0 + 2.0**-14  # bounds are trusted only with this relative margin (float32 rounding)
-_BOUNDS = True
 _SEED_MIX = 0x9E3779B97F4A7C15  # to derive per-step generator seeds from (seed, step)
 
 
@@ -141,8 +141,7 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def _pq(kc: int) -> tuple[int, int]:
-    """Lay kc candidates out as P rows of Q (P*Q >= kc, P <= 16): the rows are also the
-    groups of the per-point lower bounds."""
+    """Lay kc candidates out as P rows of Q (P*Q >= kc, P <= 16) for :func:`_nearest`."""
     p = max(1, min(16, math.ceil(math.sqrt(kc))))
     return p, -(-kc // p)
 
@@ -183,26 +182,34 @@ def _argmin_small(t: torch.Tensor, dim: int) -> torch.Tensor:
     return key.amin(dim).bitwise_and_((1 << bits) - 1).to(torch.int64)
 
 
-def _nearest(dt: torch.Tensor, p: int, q: int) -> torch.Tensor:
-    """Index of the nearest of (B, P*Q, M) squared distances over dim 1 (the lowest index
-    among exact ties).
+def _nearest(dt: torch.Tensor, p: int, q: int):
+    """Nearest and second nearest of (B, P*Q, M) squared distances over dim 1.
 
     ``torch.min(dim)`` is slow on CPU, so: two vectorised passes (minimum over the rows,
     minimum over the columns), the argmin of each small result by packed keys, and a check
-    that the element found holds the minimum (an exact argmin where it does not).
+    that the element found holds the minimum (an exact argmin where it does not; among exact
+    ties one is chosen deterministically). The second nearest is the minimum over the other rows and the
+    other columns. Returns (index, d1, d2).
     """
     b, _, m = dt.shape
     d4 = dt.view(b, p, q, m)
     g = d4.amin(1).clamp_(min=0)  # (B, Q, M)
     h = d4.amin(2).clamp_(min=0)  # (B, P, M)
     d1 = h.amin(1)
-    idx = _argmin_small(h, 1) * q + _argmin_small(g, 1)
+    pi = _argmin_small(h, 1)
+    qi = _argmin_small(g, 1)
+    idx = pi * q + qi
     v = dt.gather(1, idx.unsqueeze(1)).squeeze(1).clamp_(min=0)
     bad = v != d1
     if bool(bad.any()):  # near-ties mis-ordered by the packed keys, or exact ties
         bb, mm = bad.nonzero(as_tuple=True)
-        idx[bb, mm] = dt[bb, :, mm].clamp(min=0).argmin(1)
-    return idx
+        i0 = dt[bb, :, mm].clamp(min=0).argmin(1)
+        idx[bb, mm] = i0
+        pi[bb, mm] = i0 // q
+        qi[bb, mm] = i0 % q
+    g.scatter_(1, qi.unsqueeze(1), _BIG)
+    h.scatter_(1, pi.unsqueeze(1), _BIG)
+    return idx, d1, torch.minimum(g.amin(1), h.amin(1))
 
 
 def _known(d: torch.Tensor, old: torch.Tensor):
@@ -210,9 +217,11 @@ def _known(d: torch.Tensor, old: torch.Tensor):
     known: the squared distance v to it and the nearest squared distance to the other
     candidates (one vectorised pass; ``d`` is overwritten). v <= that: ``old`` is still the
     nearest (ties keep it)."""
-    o = old.unsqueeze(2)
-    v = d.gather(2, o).squeeze(2)
-    d.scatter_(2, o, _BIG)
+    b, m, kc = d.shape
+    flat = (torch.arange(0, b * m * kc, kc, device=d.device).view(b, m) + old).view(-1)
+    d1 = d.view(-1)
+    v = d1.index_select(0, flat).view(b, m)  # (faster than gather / scatter_ here)
+    d1.index_fill_(0, flat, _BIG)
     return v, d.amin(2)
 
 
@@ -317,14 +326,13 @@ class _Problem:
         vf = valid.to(torch.float32)
         self.nvalid = valid.sum(1)
         nv = self.nvalid.to(torch.float64)
-        mean = _dsum((x * vf[..., None]).transpose(1, 2)) / nv[:, None]  # (B, D) float64
-        if perms is not None:
-            mean = _orbit_mean(mean, perms)  # invariant under the transforms
+        true_mean = _dsum((x * vf[..., None]).transpose(1, 2)) / nv[:, None]  # (B, D) float64
+        mean = true_mean if perms is None else _orbit_mean(true_mean, perms)  # transform-invariant
         self.mean64 = mean
         self.mean32 = mean.to(torch.float32)
         self.x = x
         self.xc = (x - self.mean32[:, None, :]) * vf[..., None]  # invalid points -> 0
-        var = _dsum((self.xc * self.xc).transpose(1, 2)) / nv[:, None]
+        var = _dsum((self.xc * self.xc).transpose(1, 2)) / nv[:, None] - (true_mean - mean) ** 2
         self.tol_scale = var.mean(1)  # (B,) mean per-dim variance
         self.xa = _augment_points(self.xc)  # (B, N, D + 2)
         self.kc = self.kmax * self.T
@@ -353,14 +361,15 @@ class _Problem:
 
     # nearest candidates of a subset of points ----------------------------------------------
     def search(self, cand_aug: torch.Tensor, bi: torch.Tensor, ni: torch.Tensor, old=None):
-        """Nearest candidates of the points (bi, ni) (sorted by problem): their indices.
-        With ``old`` (their current candidates): (v, d), the squared distances (float32) to
-        the current candidate and to the nearest other one."""
+        """Nearest candidates of the points (bi, ni) (sorted by problem): (index, d1, d2),
+        their nearest candidate and the squared distances (float32) to the nearest and the
+        second nearest. With ``old`` (their current candidates): (v, d), the squared
+        distances to the current candidate and to the nearest other one."""
         m = bi.numel()
         dev = self.dev
         if m == 0:
             e = torch.empty(0, dtype=torch.float32, device=dev)
-            return bi.clone() if old is None else (e, e.clone())
+            return (bi.clone(), e, e.clone()) if old is None else (e, e.clone())
         # lay the points out per problem: (problems with points, most points per problem)
         if self.B == 1:
             probs = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -381,11 +390,9 @@ class _Problem:
             if old is not None:
                 pad_o = torch.zeros(bp, mmax, dtype=torch.int64, device=dev)
                 pad_o[row, pos] = old
-        if old is None:
-            out_i = torch.empty(bp, mmax, dtype=torch.int64, device=dev)
-        else:
-            out_v = torch.empty(bp, mmax, dtype=torch.float32, device=dev)
-            out_d = torch.empty_like(out_v)
+        out_i = torch.empty(bp, mmax, dtype=torch.int64, device=dev) if old is None else None
+        out_v = torch.empty(bp, mmax, dtype=torch.float32, device=dev)
+        out_d = torch.empty_like(out_v)
         kc = self.kc_pad
         if kc * mmax <= _BLOCK_ELEMS:
             bstep, mstep = max(1, _BLOCK_ELEMS // (kc * mmax)), mmax
@@ -408,16 +415,14 @@ class _Problem:
                 xs = xs.view(b1 - b0, m1 - m0, self.D + 2)
                 if old is None:
                     dt = torch.bmm(ca, xs.transpose(1, 2))  # (b, Kc_pad, m)
-                    out_i[b0:b1, m0:m1] = _nearest(dt, self.P, self.Q)
+                    i, v, dn = _nearest(dt, self.P, self.Q)
+                    out_i[b0:b1, m0:m1] = i
                 else:
                     v, dn = _known(torch.bmm(xs, cat), pad_o[b0:b1, m0:m1])
-                    out_v[b0:b1, m0:m1] = v
-                    out_d[b0:b1, m0:m1] = dn
-        if old is None:
-            return out_i[0] if self.B == 1 else out_i[row, pos]
-        if self.B == 1:
-            return out_v[0], out_d[0]
-        return out_v[row, pos], out_d[row, pos]
+                out_v[b0:b1, m0:m1] = v
+                out_d[b0:b1, m0:m1] = dn
+        outs = (out_v, out_d) if old is not None else (out_i, out_v, out_d)
+        return tuple(o[0] for o in outs) if self.B == 1 else tuple(o[row, pos] for o in outs)
 
     # k-means++ ------------------------------------------------------------------------------
     def kmeanspp(self, seed: int, n_local_trials: int | None) -> torch.Tensor:
@@ -472,6 +477,11 @@ class _Problem:
             act = kk > c
             if not bool(act.any()):
                 break
+            if pend is not None and nblk <= 8:
+                # small problems: fold the pending centre in at once (cheaper than per block)
+                dp = torch.bmm(pend, xat).amin(1)
+                torch.minimum(closest, dp, out=closest)
+                pend = None
             rnd = torch.rand(L, generator=_step_generator(seed, c), dtype=torch.float64).to(dev)
             rv = rnd[None, :] * pot[:, None]  # (B, L)
             cb = torch.cumsum(bsum, -1)
@@ -483,7 +493,7 @@ class _Problem:
                 xs = xa_pad.gather(1, pts[..., None].expand(B, L * blk, D + 2))
                 dp = torch.bmm(pend, xs.transpose(1, 2)).amin(1).clamp_(min=0)
                 vals = torch.minimum(vals, dp.view(B, L, blk))
-            cw = torch.cumsum(vals, -1, dtype=torch.float64)
+            cw = torch.cumsum(vals.clamp(min=0), -1, dtype=torch.float64)
             off = torch.searchsorted(cw, rr[..., None]).squeeze(-1).clamp_(max=blk - 1)
             cand = bid * blk + off
             ok = (cand < N) & valid.gather(1, cand.clamp(max=N - 1))
@@ -500,9 +510,8 @@ class _Problem:
                 if T > 1:
                     d = d.view(B, T, R, e - s).amin(1)
                 cl = closest[:, s:e]
-                if pend is not None:
+                if pend is not None:  # (may leave float32 round-off below 0: clamped when sampling)
                     torch.minimum(cl, d[:, 0], out=cl)
-                    cl.clamp_(min=0)
                     d = d[:, 1:]
                 torch.minimum(d, cl[:, None, :], out=d)
                 parts.append(d.view(B, L, (e - s) // blk, blk).sum(-1))  # float32 per block
@@ -510,7 +519,7 @@ class _Problem:
             ppot = part.to(torch.float64).sum(-1)
             ppot = torch.where(trial_ok, ppot, torch.inf)
             best = ppot.argmin(1)  # first minimum, like numpy
-            bsum = part[bidx, best].to(torch.float64)
+            bsum = part[bidx, best].to(torch.float64).clamp_(min=0)
             pot = bsum.sum(-1)
             pend_x = cx[bidx, best]  # (B, D)
             pend = _augment_centroids(self.candidates(pend_x[:, None, :]), None, T)
@@ -575,17 +584,17 @@ def kmeans(
     kk = _as_k(k, B, V.sum(1))
     perms = _as_perms(transforms, D, dev)
     pr = _Problem(X, V, kk, perms)
-    Kmax, T = pr.kmax, pr.T
+    Kmax = pr.kmax
 
     if init is not None:
-        c0 = torch.as_tensor(init, device=dev).to(torch.float32)
+        c0 = torch.as_tensor(init, device=dev).to(torch.float64)
         if c0.dim() == 2:
             c0 = c0.unsqueeze(0)
         if c0.shape != (B, Kmax, D):
             raise UsageError(f"init must be ({B}, {Kmax}, {D}), got shape {tuple(c0.shape)}")
         if not bool(torch.isfinite(c0).all()):
             raise UsageError("init contains NaN or infinite values")
-        C64 = c0.to(torch.float64) * pr.real[..., None]
+        C64 = c0 * pr.real[..., None]
     else:
         idx = pr.kmeanspp(seed, n_local_trials)
         C64 = pr.x[torch.arange(B, device=dev)[:, None], idx].to(torch.float64) * pr.real[..., None]
@@ -624,14 +633,18 @@ def _inertia(X, V, centroids, labels, tr, perms) -> torch.Tensor:
 
 
 def _lloyd(pr: _Problem, C64: torch.Tensor, iters: int, tol: float):
-    """Lloyd iterations. C64: (B, Kmax, D) float64 centroids (original coordinates);
-    distances use float32 centred copies. Returns (C64, a, iterations) with a (B, N) the
-    combined candidate index t*Kmax + c.
+    """Lloyd iterations with Hamerly's bounds. C64: (B, Kmax, D) float64 centroids (original
+    coordinates); distances use float32 centred copies. Returns (C64, a, iterations) with
+    a (B, N) the combined candidate index t*Kmax + c.
 
-    The first assignment is a full nearest-candidate search. Later ones check every point in
-    blocks with one matmul and one vectorised minimum: a point keeps its candidate when no
-    other one is strictly nearer (ties keep it); the few points that moved get a full search.
-    Cluster sums are float64 and updated with the points that moved only.
+    The first assignment is a full nearest-candidate search. Afterwards each point has an
+    upper bound u on the distance to its candidate (grows by that candidate's shifts) and a
+    lower bound l on the distance to every other one (shrinks by the largest shift), kept
+    against cumulative shift sums so an iteration only reads them. Only points with
+    u > max(l, s[a]) (s: half the distance from the candidate to its nearest other one) are
+    checked, in blocks, with one matmul and one vectorised minimum; a point keeps its
+    candidate unless another one is strictly nearer (ties keep it), and the few that moved
+    get a full search. Cluster sums are float64 and updated with the points that moved only.
     """
     B, N, D, dev = pr.B, pr.N, pr.D, pr.dev
     Kmax, T = pr.kmax, pr.T
@@ -643,19 +656,15 @@ def _lloyd(pr: _Problem, C64: torch.Tensor, iters: int, tol: float):
     active = torch.ones(B, dtype=torch.bool, device=dev)
     tol_b = tol * pr.tol_scale
     n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
-    moved = torch.zeros(B, N, dtype=torch.bool, device=dev)
     kc = pr.kc_pad
-    us = torch.full((B, N), torch.inf, dtype=f32, device=dev)  # u = us + Sc[a] (upper bound)
+    us = torch.zeros(B, N, dtype=f32, device=dev)  # u = us + Sc[a] (upper bound)
     ls = torch.zeros(B, N, dtype=f32, device=dev)  # l = ls - Smax (lower bound, others)
     Sc = torch.zeros(B, kc, dtype=f64, device=dev)  # cumulative shift of each candidate
     Smax = torch.zeros(B, dtype=f64, device=dev)  # cumulative largest shift
     rms = pr.tol_scale.mul(D).sqrt()  # (B,) typical norm of a centred point
     all_valid = bool(pr.valid.all())
     s_half = torch.zeros(B, kc, dtype=f32, device=dev)
-    if kc * N <= _BLOCK_ELEMS:
-        bstep, nstep = max(1, _BLOCK_ELEMS // (kc * N)), N
-    else:
-        bstep, nstep = 1, max(1, _BLOCK_ELEMS // kc)
+    a_f, us_f, ls_f = a.view(-1), us.view(-1), ls.view(-1)
 
     def centred(C64):
         return (C64 - pr.mean64[:, None, :]).to(f32) * real[..., None]
@@ -665,54 +674,37 @@ def _lloyd(pr: _Problem, C64: torch.Tensor, iters: int, tol: float):
         changed (bi, ni, old, new)."""
         if first:
             bi, ni = (pr.valid & where[:, None]).nonzero(as_tuple=True)
-            j = pr.search(cand_aug, bi, ni)
+            j, d1, d2 = pr.search(cand_aug, bi, ni)
             a[bi, ni] = j
+            us[bi, ni] = d1.sqrt_()
+            ls[bi, ni] = d2.sqrt_()
             return bi, ni, j, j
-        if _BOUNDS:
-            return estep_bounds(cand_aug, where)
-        for b0 in range(0, B, bstep):
-            b1 = min(B, b0 + bstep)
-            if not bool(where[b0:b1].any()):
-                moved[b0:b1] = False
-                continue
-            cat = cand_aug[b0:b1].transpose(1, 2).contiguous()  # (b, D + 2, Kc)
-            for n0 in range(0, N, nstep):
-                n1 = min(N, n0 + nstep)
-                d = torch.bmm(pr.xa[b0:b1, n0:n1], cat)  # (b, n, Kc)
-                v = d.gather(2, a[b0:b1, n0:n1].unsqueeze(2)).squeeze(2)
-                torch.gt(v, d.amin(2), out=moved[b0:b1, n0:n1])
-        sel = moved & pr.valid & where[:, None]
-        bi, ni = sel.nonzero(as_tuple=True)
-        old = a[bi, ni]
-        j = pr.search(cand_aug, bi, ni)
-        a[bi, ni] = j
-        ch = j != old
-        return bi[ch], ni[ch], old[ch], j[ch]
+        return estep_bounds(cand_aug, where)
 
     def estep_bounds(cand_aug, where):
         margin = ((rms + Smax) * 2.0**-18).to(f32)  # float32 rounding of the bound arithmetic
-        u = Sc.to(f32).gather(1, a).add_(us).mul_(_SLACK).add_(margin[:, None])
-        z = torch.maximum(ls - Smax.to(f32)[:, None], s_half.gather(1, a))
+        sc32 = Sc.to(f32)
+        smax32 = Smax.to(f32)
+        u = sc32.gather(1, a).add_(us).mul_(_SLACK).add_(margin[:, None])
+        z = torch.maximum(ls - smax32[:, None], s_half.gather(1, a))
         need = u > z
         del u, z
         if not (all_valid and bool(where.all())):
             need &= pr.valid & where[:, None]
-        if B == 1:
-            ni = need.view(-1).nonzero().squeeze(1)
-            bi = torch.zeros_like(ni)
-        else:
-            bi, ni = need.nonzero(as_tuple=True)
-        old = a[bi, ni]
+        # flat indices: index_select / index_copy_ are much faster than a[bi, ni]
+        flat = need.view(-1).nonzero().squeeze(1)
+        bi, ni = flat // N, flat % N
+        old = a_f.index_select(0, flat)
         v, dn = pr.search(cand_aug, bi, ni, old)
-        us[bi, ni] = v.clamp(min=0).sqrt_() - Sc[bi, old].to(f32)
-        ls[bi, ni] = dn.clamp(min=0).sqrt_() + Smax[bi].to(f32)
         mv = (v > dn).nonzero().squeeze(1)
-        bi, ni, old = bi[mv], ni[mv], old[mv]
-        j = pr.search(cand_aug, bi, ni)
-        a[bi, ni] = j
-        v, dn = pr.search(cand_aug, bi, ni, j)
-        us[bi, ni] = v.clamp(min=0).sqrt_() - Sc[bi, j].to(f32)
-        ls[bi, ni] = dn.clamp(min=0).sqrt_() + Smax[bi].to(f32)
+        cflat = old if B == 1 else bi * kc + old
+        us_f.index_copy_(0, flat, v.clamp_(min=0).sqrt_().sub_(sc32.view(-1).index_select(0, cflat)))
+        ls_f.index_copy_(0, flat, dn.clamp_(min=0).sqrt_().add_(smax32.index_select(0, bi)))
+        flat, bi, ni, old = flat[mv], bi[mv], ni[mv], old[mv]
+        j, d1, d2 = pr.search(cand_aug, bi, ni)
+        a_f.index_copy_(0, flat, j)
+        us_f.index_copy_(0, flat, d1.sqrt_() - Sc[bi, j].to(f32))
+        ls_f.index_copy_(0, flat, d2.sqrt_() + smax32[bi])
         ch = j != old
         return bi[ch], ni[ch], old[ch], j[ch]
 
@@ -887,7 +879,7 @@ def assign(x, centroids, transforms=None, k=None):
     cand = pr.candidates(C)
     cand_aug = _augment_centroids(cand, pr.real_c, pr.kc_pad)
     bi, ni = V.nonzero(as_tuple=True)
-    j = pr.search(cand_aug, bi, ni)
+    j, _, _ = pr.search(cand_aug, bi, ni)
     a = j.view(B, N)
     labels, tr = a % K, a // K
     if two_d:
