@@ -10,9 +10,9 @@ import torch.nn as nn
 from kcompile.bench import (BACKENDS, BackendUnavailable, Case, densify, layer_suite, make_runner,
                             parse_backends, run_bench, time_fn)
 from kcompile.checkpoint import save
-from kcompile.cli import main
 from kcompile.errors import UsageError
 from tiny_models import tiny
+from cli_helpers import run
 
 RECORD_KEYS = ("model", "layer", "backend", "batch", "threads", "median_ms", "min_ms", "max_ms", "runs")
 
@@ -21,12 +21,6 @@ def skip_notes(res):
     """The notes about backends (the machine-load note comes and goes with other jobs)."""
     return [n for n in res.notes if not n.startswith("load average")]
 
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """The CLI on good and bad input: one-line errors, exit codes, no partial output, input untouched."""
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -8,21 +7,12 @@ import sys
 import pytest
 import torch
 
-from kcompile.cli import main
 from tiny_models import NoConvNet, tiny
+from cli_helpers import run, sha
 
 TINY = None
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
-
-
-def sha(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 @pytest.fixture

@@ -9,15 +9,9 @@ import pytest
 import torch
 
 from kcompile.checkpoint import save
-from kcompile.cli import main
 from tiny_models import tiny
+from cli_helpers import run
 
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 @pytest.fixture

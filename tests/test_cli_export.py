@@ -3,7 +3,6 @@ partial file, inputs untouched."""
 
 from __future__ import annotations
 
-import hashlib
 
 import numpy as np
 import onnx
@@ -13,20 +12,11 @@ import torch
 
 from kcompile import onnx_functions as F
 from kcompile.checkpoint import save
-from kcompile.cli import main
 from kcompile.cluster import cluster
 from tiny_models import tiny
+from cli_helpers import run, sha
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
-
-
-def sha(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 def assert_clean_failure(code, err, expected_code, pattern, folder, out=None):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import sys
 import types
 
@@ -16,15 +15,13 @@ from torch import nn
 from kcompile import zoo
 from kcompile.errors import KcompileError, UsageError
 from kcompile.loading import lift_exported, load_model, rebuild_arch
+from cli_helpers import sha
 
 # torch's own GraphModule deepcopy / run_decompositions emit this deprecation warning.
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 
 DIGITS_X = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
-
-def sha(path) -> str:
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 def one_line(e: pytest.ExceptionInfo) -> str:
