@@ -26,3 +26,8 @@ def kaiming_init(model: nn.Module, linear_std: float | None = None) -> nn.Module
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     return model
+
+
+def residual_stage(block, inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    """``blocks`` residual blocks: the first maps inplanes -> planes at ``stride``, the rest keep planes."""
+    return nn.Sequential(block(inplanes, planes, stride), *(block(planes, planes) for _ in range(blocks - 1)))

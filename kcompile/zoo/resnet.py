@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._init import kaiming_init
+from ._init import kaiming_init, residual_stage
 
 
 class BasicBlock(nn.Module):
@@ -53,9 +53,7 @@ class ResNet(nn.Module):
         inplanes = 64
         for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
             stride = 1 if i == 0 else 2
-            seq = [BasicBlock(inplanes, planes, stride)]
-            seq += [BasicBlock(planes, planes) for _ in range(blocks - 1)]
-            setattr(self, f"layer{i + 1}", nn.Sequential(*seq))
+            setattr(self, f"layer{i + 1}", residual_stage(BasicBlock, inplanes, planes, blocks, stride))
             inplanes = planes
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512, num_classes)

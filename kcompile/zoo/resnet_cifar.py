@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._init import kaiming_init
+from ._init import kaiming_init, residual_stage
 
 
 class PadShortcut(nn.Module):
@@ -60,9 +60,7 @@ class CifarResNet(nn.Module):
         inplanes = 16
         for i, planes in enumerate((16, 32, 64)):
             stride = 1 if i == 0 else 2
-            seq = [CifarBlock(inplanes, planes, stride)]
-            seq += [CifarBlock(planes, planes) for _ in range(n - 1)]
-            setattr(self, f"layer{i + 1}", nn.Sequential(*seq))
+            setattr(self, f"layer{i + 1}", residual_stage(CifarBlock, inplanes, planes, n, stride))
             inplanes = planes
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(64, num_classes)
