@@ -108,6 +108,10 @@ def cluster(model, arch, arch_kwargs, trust_pickle, output, method, data, finetu
     if retrain_epochs < 0 or retrain_epochs and method != "dkm":
         raise UsageError("--retrain-epochs must be >= 0 and applies to --method dkm only")
     opts = {k: v for k, v in opts.items() if v is not None and v is not False}
+    from .distributed import env_world, is_initialized
+
+    launched = env_world()  # torchrun's rank layout, validated; None for a plain run
+    is_main = launched is None or launched.is_main
     m = load_cli_model(model, arch, arch_kwargs, trust_pickle)
     if retrain_epochs:
         from .data import load_dataset
@@ -125,13 +129,11 @@ def cluster(model, arch, arch_kwargs, trust_pickle, output, method, data, finetu
         train, test = load_dataset(data)
         before = evaluate(cm, test)
         finetune(cm, train, FinetuneConfig(epochs=finetune_epochs, lr=lr, batch_size=batch_size))
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_main:
             click.echo(f"accuracy: dense {evaluate(m, test):.2f} %, clustered {before:.2f} %, fine-tuned {evaluate(cm, test):.2f} %")
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
+    if is_main:  # under torchrun only rank 0 writes
         save(cm, output)
         click.echo(f"wrote {output} ({len(cm.kcompile_report)} layers clustered with {method})")
-    from .distributed import is_initialized
-
     if is_initialized():  # no rank tears the process group down while rank 0 still works
         import torch.distributed as dist
 
