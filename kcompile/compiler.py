@@ -13,9 +13,14 @@ Targets
    scheduled PrimFunc from :mod:`kcompile.kernels.tvm_compute` /
    :mod:`kcompile.kernels.tvm_schedule` (shared-centroid kernel for clustered kernel-unit
    convs, filter-gather for filter units, a direct dense conv otherwise), its tables
-   (codebook, index, scales) passed as Relax constants. Everything else (BN, ReLU, pooling,
-   adds, linear) goes through TVM's own operators (LegalizeOps; dlight on CUDA).
-3. ``tvm.compile`` builds it; on ``llvm`` a Relax VM runs it here. ``cuda`` builds with nvcc
+   (codebook, index, scales) passed as Relax constants. An inference batch-norm right after
+   a conv is folded (:mod:`kcompile.bn_fold`): into the weights and bias of dense-form
+   convs, as a per-channel scale + shift after a clustered kernel's output (the codebook is
+   never rescaled). Everything else (ReLU, pooling, adds, linear) goes through TVM's own
+   operators (LegalizeOps; dlight on CUDA).
+3. ``tvm.compile`` builds it -- on ``llvm`` with :func:`kcompile.tvm_pipeline.llvm_pipeline`
+   (constant folding, operator fusion, parallel + vectorised schedules for the fused
+   elementwise / pooling / matmul functions) -- and on ``llvm`` a Relax VM runs it here. ``cuda`` builds with nvcc
    without a GPU (``CompiledModel.cuda_source()`` shows the kernels) but cannot run here.
 
 ``numba`` -- a copy of the model whose clustered layers call :func:`kcompile.kernels.prepare`
@@ -38,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .bn_fold import BN_TARGET, conv_batch_norms
 from .errors import KcompileError, UsageError
 from .layers import ClusteredConv2d, ClusteredLinear, set_submodule
 
@@ -135,13 +141,35 @@ def _stub_model(model: nn.Module) -> tuple[nn.Module, list[int]]:
 
 
 # ----------------------------------------------------------------------------- relax import
-def _conv_converter(target_kind: str, threads: int, forms: dict | None):
-    """The ``custom_convert_map`` entry: kcompile_tvm::conv -> call_tir(scheduled PrimFunc)."""
+def _layer_arrays(e: "_ConvEntry", spec, forms: dict | None, bn):
+    """(ConvArrays, epilogue) of one conv: its tables in the chosen form with the
+    batch-norm ``bn`` (a :class:`kcompile.bn_fold.ChannelAffine` or None) folded into dense
+    weights, or returned as the epilogue to apply to a clustered kernel's output."""
+    from .kernels.plan import decoded_weight
+    from .kernels.tvm_compute import choose_form, dense_arrays, make_arrays
+
+    groups = spec.geom.groups
+    bias = None if e.bias is None else e.bias.detach().cpu().float().numpy()
+    if e.cw is None:
+        weight = e.weight.numpy().astype(np.float32)
+        if bn is None:
+            return dense_arrays(weight, groups, bias), None
+        return dense_arrays(bn.fold_weight(weight), groups, bn.fold_bias(bias)), None
+    form = (forms or {}).get(e.name) or choose_form(e.cw, spec)
+    if form == "dense" and bn is not None:
+        return dense_arrays(bn.fold_weight(decoded_weight(e.cw)), groups, bn.fold_bias(bias)), None
+    return make_arrays(e.cw, spec, e.bias, form), bn
+
+
+def _conv_converter(target_kind: str, threads: int, forms: dict | None, folds: dict | None = None):
+    """The ``custom_convert_map`` entry: kcompile_tvm::conv -> call_tir(scheduled PrimFunc);
+    ``folds`` ({conv node name: ChannelAffine}) are the batch-norms folded into the convs."""
     from tvm import relax
 
     from .kernels.plan import Geometry
-    from .kernels.tvm_compute import ConvSpec, make_arrays
-    from .kernels.tvm_schedule import layer_module
+    from .kernels.tvm_compute import ConvSpec
+    from .kernels.tvm_dense_tiles import dense_tiles
+    from .kernels.tvm_schedule import layer_module, plan_tiles
 
     def convert(node, importer):
         x = importer.env[node.args[0]]
@@ -154,25 +182,47 @@ def _conv_converter(target_kind: str, threads: int, forms: dict | None):
         else:
             O, _, kh, kw = e.weight.shape
         spec = ConvSpec(N, C, H, W, int(O), int(kh), int(kw), geom)
-        if e.cw is not None:
-            form = (forms or {}).get(e.name)
-            arrays = make_arrays(e.cw, spec, e.bias, form)
-        else:
-            from .kernels.tvm_compute import dense_arrays
-
-            arrays = dense_arrays(e.weight.numpy().astype(np.float32), geom.groups, e.bias)
+        bn = (folds or {}).get(node.name)
+        arrays, epilogue = _layer_arrays(e, spec, forms, bn)
         e.form = arrays.form
         fname = "kc_" + (e.name.replace(".", "_") or "conv") + f"_{arrays.form}"
-        lm = layer_module(spec, arrays, target_kind, threads, name=fname)
+        tiles = None
+        if arrays.form == "dense" and target_kind == "llvm":
+            tiles = dense_tiles(spec, plan_tiles(spec, arrays, target_kind, threads))
+        lm = layer_module(spec, arrays, target_kind, threads, name=fname, tiles=tiles)
         func = lm.mod[fname].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
         e.info = {"form": arrays.form, "function": fname, "input_shape": (N, C, H, W),
                   "output_shape": spec.out_shape, "tiles": repr(lm.tiles)}
+        if bn is not None:
+            e.info["batch_norm"] = "epilogue" if epilogue is not None else "folded"
         bb = importer.block_builder
         gv = bb.add_func(func, fname)
         consts = [relax.const(a) for a in arrays.arrays.values()]
-        return bb.emit(relax.call_tir(gv, [x, *consts], relax.TensorType(spec.out_shape, "float32")))
+        y = bb.emit(relax.call_tir(gv, [x, *consts], relax.TensorType(spec.out_shape, "float32")))
+        if epilogue is not None:
+            shape = (1, int(O), 1, 1)
+            y = bb.emit(relax.op.multiply(y, relax.const(epilogue.scale.reshape(shape))))
+            y = bb.emit(relax.op.add(y, relax.const(epilogue.shift.reshape(shape))))
+        return y
 
     return convert
+
+
+def _batch_norm_converter(folds: dict):
+    """The ``custom_convert_map`` entry for inference batch-norm: a batch-norm already
+    applied by its conv (``folds``) passes the conv's output through; others are imported
+    as usual."""
+
+    def convert(node, importer):
+        if node.args and getattr(node.args[0], "name", None) in folds:
+            return importer.env[node.args[0]]
+        return importer._batch_norm_legit_no_training(node)
+
+    return convert
+
+
+def _out_channels(e: "_ConvEntry") -> int:
+    return int(e.cw.shape[0] if e.cw is not None else e.weight.shape[0])
 
 
 def relax_module(model: nn.Module, input_shape, target_kind: str = "llvm", threads: int = 2,
@@ -188,10 +238,16 @@ def relax_module(model: nn.Module, input_shape, target_kind: str = "llvm", threa
                 ep = torch.export.export(stub, (x,))
         except Exception as ex:  # noqa: BLE001 - tracing failures become one line
             raise KcompileError(f"cannot trace the model for compilation: {str(ex).splitlines()[0]}") from None
-        convert = _conv_converter(target_kind, threads, forms)
         try:
-            mod = from_exported_program(ep, custom_convert_map={"conv.default": convert},
-                                        unwrap_unit_return_tuple=True)
+            ep = ep.run_decompositions()  # core ATen (what the importer expects); done here so
+        except Exception as ex:  # noqa: BLE001 - that the batch-norms found below are its nodes
+            raise KcompileError(f"cannot trace the model for compilation: {str(ex).splitlines()[0]}") from None
+        folds = conv_batch_norms(ep, "conv.default", lambda n: _out_channels(_REGISTRY[int(n.args[1])]))
+        convert_map = {"conv.default": _conv_converter(target_kind, threads, forms, folds),
+                       BN_TARGET: _batch_norm_converter(folds)}
+        try:
+            mod = from_exported_program(ep, custom_convert_map=convert_map, unwrap_unit_return_tuple=True,
+                                        run_ep_decomposition=False)
         except KcompileError:
             raise
         except Exception as ex:  # noqa: BLE001 - unsupported operators etc. become one line
@@ -306,8 +362,14 @@ def compile_model(model: nn.Module, target: str = "llvm", input_shape=None, thre
     from .kernels.tvm_schedule import make_target
 
     mod, layers = relax_module(model, shape, target, threads, forms)
+    tgt = make_target(target, threads)
     try:
-        ex = tvm.compile(mod, target=make_target(target, threads))
+        if target == "llvm":
+            from .tvm_pipeline import llvm_pipeline
+
+            ex = tvm.compile(mod, target=tgt, relax_pipeline=llvm_pipeline(tgt))
+        else:
+            ex = tvm.compile(mod, target=tgt)
     except Exception as ex_:  # noqa: BLE001 - build failures become one line
         raise KcompileError(f"TVM build for {target} failed: {str(ex_).splitlines()[0]}") from None
     return CompiledModel(target, shape, out_shape, layers, executable=ex, mod=mod)
