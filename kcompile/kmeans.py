@@ -31,6 +31,10 @@ Algorithm
   (4 MB), so N = 1.3 M points and K = 256 never allocate more than that for distances (the
   data itself, centred and augmented, takes about 100 MB). Centroids are float64 means of
   the original points; the final inertia is computed in float64 from exact differences.
+* Many clusters in few dimensions (K >= 4096, D <= 8, no transforms: Deep k-Means at low
+  cluster rates) go to :mod:`kcompile.kmeans_tree`: the same Lloyd iterations with a k-d
+  tree for the exact assignment, seeded from K distinct random points (k-means++ would need
+  K sequential passes over the data).
 * Transform-invariant clustering (Son et al.): with ``transforms`` (T permutations of the D
   dims) each point is matched to the nearest of the k*T transformed centroids and centroids
   are means of inverse-transformed members.
@@ -50,6 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UsageError
+from .kmeans_tree import lloyd_tree, use_tree
 
 __all__ = ["KMeansResult", "kmeans", "assign", "d4_permutations"]
 
@@ -583,23 +588,26 @@ def kmeans(
         raise UsageError("x contains NaN or infinite values")
     kk = _as_k(k, B, V.sum(1))
     perms = _as_perms(transforms, D, dev)
+    c0 = _init_centroids(init, B, int(kk.max()), D, dev)
+    if use_tree(int(kk.max()), D, perms is not None):
+        return _kmeans_many(X, V, kk, iters, float(tol), seed, c0)
+    return _kmeans_matmul(X, V, kk, perms, iters, float(tol), seed, n_local_trials, c0)
+
+
+def _kmeans_matmul(X, V, kk, perms, iters: int, tol: float, seed: int, n_local_trials, c0) -> KMeansResult:
+    """The batched matmul engine on validated inputs (see :func:`kmeans`): X (B, N, D),
+    V (B, N) bool, kk (B,) int64, perms (T, D) or None, c0 (B, Kmax, D) float64 or None."""
+    B = X.shape[0]
+    dev = X.device
     pr = _Problem(X, V, kk, perms)
     Kmax = pr.kmax
-
-    if init is not None:
-        c0 = torch.as_tensor(init, device=dev).to(torch.float64)
-        if c0.dim() == 2:
-            c0 = c0.unsqueeze(0)
-        if c0.shape != (B, Kmax, D):
-            raise UsageError(f"init must be ({B}, {Kmax}, {D}), got shape {tuple(c0.shape)}")
-        if not bool(torch.isfinite(c0).all()):
-            raise UsageError("init contains NaN or infinite values")
+    if c0 is not None:
         C64 = c0 * pr.real[..., None]
     else:
         idx = pr.kmeanspp(seed, n_local_trials)
         C64 = pr.x[torch.arange(B, device=dev)[:, None], idx].to(torch.float64) * pr.real[..., None]
 
-    C64, a, iterations = _lloyd(pr, C64, iters, float(tol))
+    C64, a, iterations = _lloyd(pr, C64, iters, tol)
 
     labels = a % Kmax
     tr = a // Kmax
@@ -614,6 +622,103 @@ def kmeans(
         inertia=inertia,
         iterations=iterations,
     )
+
+
+def _init_centroids(init, B: int, kmax: int, D: int, dev) -> torch.Tensor | None:
+    """User-given initial centroids as (B, Kmax, D) float64, validated (None: not given)."""
+    if init is None:
+        return None
+    c0 = torch.as_tensor(init, device=dev).to(torch.float64)
+    if c0.dim() == 2:
+        c0 = c0.unsqueeze(0)
+    if c0.shape != (B, kmax, D):
+        raise UsageError(f"init must be ({B}, {kmax}, {D}), got shape {tuple(c0.shape)}")
+    if not bool(torch.isfinite(c0).all()):
+        raise UsageError("init contains NaN or infinite values")
+    return c0
+
+
+def _kmeans_many(X, V, kk, iters: int, tol: float, seed: int, c0) -> KMeansResult:
+    """k-means for many clusters in few dimensions (K >= TREE_MIN_K, D <= TREE_MAX_D, no
+    transforms), one problem after the other through :func:`kcompile.kmeans_tree.lloyd_tree`.
+
+    Initialisation: ``init`` or :func:`_two_level_init`, not k-means++ over all points:
+    greedy k-means++ takes K sequential passes over the N points (K = 78,643 and N = 786,432
+    for Deep k-Means at rate 0.1 on a ResNet-18 layer), which is hours here.
+    """
+    B, N, D = X.shape
+    dev = X.device
+    kmax = int(kk.max())
+    centroids = torch.zeros(B, kmax, D, dtype=torch.float32, device=dev)
+    labels = torch.zeros(B, N, dtype=torch.int64, device=dev)
+    n_iter = 0
+    workers = max(1, torch.get_num_threads())
+    for b in range(B):
+        k = int(kk[b])
+        pos = V[b].nonzero().squeeze(1)
+        xb = X[b, pos].to(torch.float64)
+        start = c0[b, :k] if c0 is not None else _two_level_init(X[b, pos], k, seed)
+        c, lab, it = lloyd_tree(xb.cpu().numpy(), start.cpu().numpy(), iters, tol, workers)
+        centroids[b, :k] = torch.from_numpy(c).to(torch.float32)
+        labels[b, pos] = torch.from_numpy(lab).to(dev)
+        n_iter = max(n_iter, it)
+    inertia = _inertia(X, V, centroids, labels, labels, None)
+    return KMeansResult(centroids=centroids, labels=labels, transform=None, inertia=inertia,
+                        iterations=n_iter)
+
+
+def _share_clusters(weight: torch.Tensor, cap: torch.Tensor, k: int) -> torch.Tensor:
+    """Split k clusters over G groups in proportion to ``weight`` (G,), each group getting
+    between 1 and ``cap`` (G,) clusters (sum(cap) >= k >= G); largest remainders first."""
+    share = weight / weight.sum() * k
+    kg = torch.minimum(share.floor().to(torch.int64).clamp_min(1), cap)
+    while int(kg.sum()) != k:
+        short = k - int(kg.sum())
+        if short > 0:  # room left in groups below their cap, largest remainder first
+            rem = torch.where(kg < cap, share - kg, -torch.inf)
+            n = min(short, int((kg < cap).sum()))
+            kg[rem.topk(n).indices] += 1
+        else:
+            rem = torch.where(kg > 1, share - kg, torch.inf)
+            n = min(-short, int((kg > 1).sum()))
+            kg[rem.topk(n, largest=False).indices] -= 1
+    return kg
+
+
+def _two_level_init(x: torch.Tensor, k: int, seed: int, per_group: int = 64) -> torch.Tensor:
+    """Initial centroids (k, D) float64 for many clusters: k-means++ inside coarse groups.
+
+    x: (N, D) points. A coarse k-means (G = k / ``per_group`` clusters, at most 1024, plain
+    k-means++ seeding, 5 iterations) splits the points into groups; group g gets k_g
+    clusters in proportion to its inertia I_g ** (D / (D + 2)) (the high-resolution
+    quantiser's optimal cell density) and greedy k-means++ seeds all groups at once with the
+    batched engine. On 60,000 ResNet-18 kernel rows (D = 3) and K = 5,000 the Lloyd result
+    from this init has 1.2 % more inertia than from k-means++ over all points (0.3358 vs
+    0.3319), against 31 % more from K random points, in 1/7 of the time.
+    """
+    n, d = x.shape
+    g = max(1, min(1024, k // per_group))
+    one = torch.ones(1, n, dtype=torch.bool)
+    coarse = _kmeans_matmul(x[None], one, torch.tensor([g]), None, 5, 1e-4, seed, 1, None)
+    lab = coarse.labels[0]
+    sizes = torch.bincount(lab, minlength=g)
+    d2 = (x.to(torch.float64) - coarse.centroids[0, lab].to(torch.float64)).pow(2).sum(1)
+    inertia = torch.zeros(g, dtype=torch.float64).index_add_(0, lab, d2)
+    keep = sizes > 0
+    lab = (torch.cumsum(keep.to(torch.int64), 0) - 1)[lab]  # drop empty groups
+    sizes, inertia = sizes[keep], inertia[keep]
+    g = sizes.numel()
+    kg = _share_clusters(inertia.clamp_min(1e-30) ** (d / (d + 2)), sizes, k)
+    order = lab.argsort(stable=True)
+    glab = lab[order]
+    pos = torch.arange(n) - (torch.cumsum(sizes, 0) - sizes)[glab]
+    xb = torch.zeros(g, int(sizes.max()), d, dtype=x.dtype)
+    vb = torch.zeros(g, int(sizes.max()), dtype=torch.bool)
+    xb[glab, pos] = x[order]
+    vb[glab, pos] = True
+    seeds = _kmeans_matmul(xb, vb, kg, None, 0, 0.0, seed, None, None)
+    keep_rows = torch.arange(seeds.centroids.shape[1])[None, :] < kg[:, None]
+    return seeds.centroids[keep_rows].to(torch.float64)
 
 
 def _inertia(X, V, centroids, labels, tr, perms) -> torch.Tensor:
