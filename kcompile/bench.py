@@ -17,10 +17,12 @@ tvm-cuda            ``kcompile.compile(model, target="cuda", input_shape)`` (nee
 ==================  ==========================================================================
 
 Backends are imported lazily; one that is missing or fails on a case is skipped with a
-one-line note (``BenchResult.notes``) instead of stopping the run. Every output is checked
-against torch-decoded (``max_abs_err`` in the record). Timing: ``warmup`` calls per backend,
-then ``runs`` timed calls (perf_counter) interleaved round-robin over the case's backends,
-median/min/max in ms; torch, numba, onnxruntime and TVM threads are pinned to ``threads``.
+one-line note (``BenchResult.notes``) instead of stopping the run. A case may bring its own
+ready callables (``Case.runners``, e.g. already exported artifacts) for some backends. Every
+output is checked against torch-decoded (``max_abs_err`` in the record). Timing: ``warmup``
+calls per backend, then ``runs`` timed calls (perf_counter) in rounds of per-backend blocks
+(see :func:`time_blocks`), median/min/max in ms; torch, numba, onnxruntime and TVM threads are
+pinned to ``threads``.
 """
 
 from __future__ import annotations
@@ -83,8 +85,20 @@ def parse_backends(text: str | None) -> tuple[str, ...]:
     return tuple(b for b in BACKENDS if b in out)
 
 
+#: TVM thread-pool workers busy-wait (sched_yield) this many times for the next task before
+#: sleeping. TVM's default, 300000, kept a worker spinning ~70 ms of CPU after every call of
+#: a 0.2 ms model on this machine: in one process with torch's OpenMP pool that starves
+#: torch's threads (2-thread barriers wait for a core). 1000 still bridges the gaps between
+#: the parallel loops of one call (digits-resnet kse via TVM: 0.20 ms median vs 0.23 ms with
+#: the default, measured alone) and goes quiet within a millisecond.
+TVM_SPIN_COUNT = 1000
+
+
 def pin_threads(threads: int) -> None:
     """Pin torch, numba and TVM to ``threads`` (onnxruntime sessions get it per session).
+
+    TVM's workers get a short spin (``TVM_THREAD_POOL_SPIN_COUNT``, :data:`TVM_SPIN_COUNT`)
+    unless the variable is set; like the thread count it is read when TVM's thread pool starts.
 
     Numba gets the ``workqueue`` threading layer unless NUMBA_THREADING_LAYER is set: with
     numba's OpenMP layer running in the same process as torch, torch's conv became ~70x slower
@@ -94,6 +108,7 @@ def pin_threads(threads: int) -> None:
     """
     torch.set_num_threads(threads)
     os.environ["TVM_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(TVM_SPIN_COUNT))
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
         import numba
@@ -108,7 +123,12 @@ def pin_threads(threads: int) -> None:
 # ------------------------------------------------------------------------------ cases
 @dataclass
 class Case:
-    """A module to time on ``input_shape`` (batch included). ``layer`` None = whole model."""
+    """A module to time on ``input_shape`` (batch included). ``layer`` None = whole model.
+
+    ``runners``: optional ready callables {backend: fn(x numpy input_shape) -> y numpy} used
+    instead of building that backend from ``module`` (e.g. sessions/modules loaded from files
+    already exported); they are checked against the module like any other backend.
+    """
 
     model_name: str
     layer: str | None
@@ -116,6 +136,7 @@ class Case:
     input_shape: tuple[int, ...]
     method: str = "dense"
     info: dict = field(default_factory=dict)
+    runners: dict = field(default_factory=dict)
 
 
 def _is_clustered(mod: nn.Module) -> bool:
@@ -229,7 +250,12 @@ def _ort_runner(case: Case, threads: int, custom: bool, workdir: str):
     path = os.path.join(workdir, f"case{id(case)}.onnx")
     if not os.path.exists(path):
         export(case.module, path, target="onnx", input_shape=case.input_shape, onnx_ops="custom")
-    sess = onnxruntime_session(path, threads=threads, custom_ops=custom)
+    return session_runner(onnxruntime_session(path, threads=threads, custom_ops=custom), custom)
+
+
+def session_runner(sess, custom: bool = True):
+    """fn(x numpy) -> first output (numpy) of an onnxruntime session; with ``custom``, the
+    custom-op session's ``kcompile_backends()`` is passed on (which kernel each node ran)."""
     name = sess.get_inputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -287,6 +313,104 @@ def time_fn(fn, x: np.ndarray, runs: int, warmup: int) -> Timing:
     return Timing(statistics.median(ts), min(ts), max(ts), runs)
 
 
+_ALONE = """
+import json, sys
+import torch
+from kcompile.bench import _torch_runner, densify, time_fn
+from kcompile.loading import load_model
+spec, shape, threads, runs, warmup = sys.argv[1], tuple(json.loads(sys.argv[2])), *map(int, sys.argv[3:6])
+torch.set_num_threads(threads)
+fn = _torch_runner(densify(load_model(spec)))
+x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).numpy()
+fn(x)
+sys.stdin.readline()  # wait for the go: the parent's own work is over
+t = time_fn(fn, x, runs, warmup)
+print(json.dumps([t.median_ms, t.min_ms, t.max_ms, t.runs]))
+"""
+
+
+class TorchAlone:
+    """torch-dense timing of model ``spec`` (e.g. "zoo:digits-resnet") on ``input_shape`` in
+    a fresh Python process where torch is the only runtime: the reference that tells whether
+    a torch-dense figure timed next to other runtimes is plausible.
+
+    The process starts here and loads the model (imports overlap the caller's work), then
+    waits; :meth:`measure` lets it time (``warmup`` + ``runs`` calls) while the caller waits.
+    """
+
+    def __init__(self, spec: str, input_shape, threads: int, runs: int, warmup: int = 3) -> None:
+        import json
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", _ALONE, spec, json.dumps(list(input_shape)),
+                                      str(threads), str(runs), str(warmup)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def measure(self, timeout: float = 120.0) -> Timing:
+        """Run the timing now; RuntimeError if the process failed."""
+        import json
+
+        try:
+            out, err = self.proc.communicate("go\n", timeout=timeout)
+        except Exception:
+            self.close()
+            raise
+        if self.proc.returncode != 0 or not out.strip():
+            lines = err.strip().splitlines() or [f"exit code {self.proc.returncode}"]
+            raise RuntimeError(lines[-1])
+        return Timing(*json.loads(out.strip().splitlines()[-1]))
+
+    def close(self) -> None:
+        """Stop the process if it is still running."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+#: pause before each backend's block: longer than the other pools' busy-wait after their last
+#: call (torch's OpenMP and onnxruntime's workers: ~10-15 ms of CPU on this machine)
+SETTLE_S = 0.03
+#: blocks per backend (a shift in the machine's load still hits every backend)
+ROUNDS = 5
+
+
+def time_blocks(fns: dict, x: np.ndarray, runs: int, rounds: int = ROUNDS, settle: float = SETTLE_S,
+                rewarm: bool = True, on_error=None) -> dict[str, list[float]]:
+    """Time ``runs`` calls of each ``fns[name](x)``; returns {name: times in ms} (failed: fewer).
+
+    The runs are split over ``min(rounds, runs)`` rounds; in each round every callable gets
+    one block: a ``settle`` s pause (the previous backend's thread pool stops busy-waiting),
+    one untimed call if ``rewarm`` (wakes this backend's own pool), then its share of timed
+    calls back to back. Calling the backends round-robin call by call instead puts every
+    backend next to another runtime's still-spinning pool, which on 2 cores stalled torch's
+    2-thread OpenMP barriers (digits-resnet dense: 0.5 ms alone, 25-260 ms interleaved).
+    ``on_error(name, exc)`` is told about a callable that raised; it is not called again.
+    """
+    rounds = max(1, min(rounds, runs))
+    share = [runs // rounds + (i < runs % rounds) for i in range(rounds)]
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    failed = set()
+    for n in share:
+        for name, fn in fns.items():
+            if name in failed:
+                continue
+            if settle:
+                time.sleep(settle)
+            try:
+                if rewarm:
+                    fn(x)
+                for _ in range(n):
+                    t = time.perf_counter()
+                    fn(x)
+                    times[name].append((time.perf_counter() - t) * 1e3)
+            except Exception as e:
+                failed.add(name)
+                if on_error is not None:
+                    on_error(name, e)
+    return times
+
+
 # ------------------------------------------------------------------------------ the run
 @dataclass
 class BenchResult:
@@ -332,9 +456,10 @@ def run_bench(cases: list[Case], backends=BACKENDS, threads: int = 2, runs: int 
               show_progress: bool = True, on_note=None) -> BenchResult:
     """Time every case on every backend; torch-dense is always timed too (the baseline).
 
-    Per case, every backend is prepared and checked first, warmed up ``warmup`` times, then the
-    ``runs`` timed calls are interleaved round-robin over the backends, so that a shift in the
-    machine's load hits all backends of a case alike (the machine is shared).
+    Per case, every backend is prepared (or taken from ``case.runners``) and checked first,
+    warmed up ``warmup`` times, then timed ``runs`` times in rounds of per-backend blocks
+    (:func:`time_blocks`): a shift in the machine's load hits all backends of a case alike (the
+    machine is shared) while no backend is timed next to another runtime's spinning pool.
     """
     from .progress import progress
 
@@ -369,7 +494,7 @@ def run_bench(cases: list[Case], backends=BACKENDS, threads: int = 2, runs: int 
             ready = {}  # backend -> (fn, executed, err)
             for b in order:
                 try:
-                    fn = make_runner(b, case, threads, workdir)
+                    fn = case.runners[b] if b in case.runners else make_runner(b, case, threads, workdir)
                     y = np.asarray(fn(x))
                     executed = getattr(fn, "form", None)
                     if executed is None and hasattr(fn, "kcompile_backends"):
@@ -387,20 +512,15 @@ def run_bench(cases: list[Case], backends=BACKENDS, threads: int = 2, runs: int 
                 if err > 1e-3 * scale:
                     note(f"{b} on {where(case)}: output differs from torch by {err:.3g} (output range {scale:.3g})")
                 ready[b] = (fn, executed, err)
-            times: dict[str, list[float]] = {b: [] for b in ready}
             failed = set()
-            for _ in range(runs):
-                for b, (fn, _, _) in ready.items():
-                    if b in failed:
-                        continue
-                    try:
-                        t = time.perf_counter()
-                        fn(x)
-                        times[b].append((time.perf_counter() - t) * 1e3)
-                    except Exception as e:
-                        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                        note(f"skipped {b} on {where(case)}: failed while timing: {type(e).__name__}: {msg}")
-                        failed.add(b)
+
+            def timing_failed(b, e):
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                note(f"skipped {b} on {where(case)}: failed while timing: {type(e).__name__}: {msg}")
+                failed.add(b)
+
+            times = time_blocks({b: fn for b, (fn, _, _) in ready.items()}, x, runs, rewarm=warmup > 0,
+                                on_error=timing_failed)
             est = _estimates(case)
             dense_ms = statistics.median(times["torch-dense"]) if times.get("torch-dense") else None
             for b, (fn, executed, err) in ready.items():

@@ -191,14 +191,15 @@ def inspect(model, arch, arch_kwargs, trust_pickle, as_json, input_shape, invali
 @cli.command()
 @click.option("--epochs", type=int, default=3, show_default=True, help="Fine-tuning epochs per method.")
 @click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per backend (median reported).")
+@click.option("--threads", type=int, default=2, show_default=True, help="Threads of every backend while timing.")
 @click.option("-o", "--output-dir", default="kcompile-demo", show_default=True, help="Where artifacts and report.html go.")
-def demo(epochs, runs, output_dir):
+def demo(epochs, runs, threads, output_dir):
     """Cluster the embedded zoo:digits-resnet with every method, fine-tune, export, compile, time and report."""
     from .demo import run_demo
 
-    if epochs < 0 or runs < 1:
-        raise UsageError("--epochs must be >= 0 and --runs >= 1")
-    run_demo(epochs=epochs, runs=runs, out_dir=output_dir)
+    if epochs < 0 or runs < 1 or threads < 1:
+        raise UsageError("--epochs must be >= 0, --runs >= 1 and --threads >= 1")
+    run_demo(epochs=epochs, runs=runs, out_dir=output_dir, threads=threads)
 
 
 _registered = False

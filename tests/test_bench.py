@@ -149,3 +149,42 @@ def test_layer_suite_cases_small():
     assert all(r["dense_median_ms"] is not None and "eyeriss" in r for r in res.records)
     corr = res.correlations("eyeriss")
     assert set(corr) == {"torch-dense", "torch-decoded"} and all(-1 <= c["spearman"] <= 1 for c in corr.values())
+
+
+def test_time_blocks_rounds_of_blocks_and_failures():
+    from kcompile.bench import time_blocks
+
+    calls, errors = [], []
+
+    def fn(name, fail_after=None):
+        def run(x):
+            calls.append(name)
+            if fail_after is not None and calls.count(name) > fail_after:
+                raise RuntimeError("boom")
+        return run
+
+    times = time_blocks({"a": fn("a"), "b": fn("b"), "c": fn("c", fail_after=3)}, np.zeros(1), runs=5, rounds=2,
+                        settle=0, on_error=lambda name, e: errors.append((name, str(e))))
+    assert len(times["a"]) == len(times["b"]) == 5  # split 3 + 2 over the rounds
+    # round 1: a's block (1 untimed + 3 timed), then b's, then c's (fails on its 4th call); round 2 skips c
+    assert calls == ["a"] * 4 + ["b"] * 4 + ["c"] * 4 + ["a"] * 3 + ["b"] * 3
+    assert errors == [("c", "boom")] and len(times["c"]) == 2
+    calls.clear()
+    times = time_blocks({"a": fn("a")}, np.zeros(1), runs=3, rounds=5, settle=0, rewarm=False)
+    assert calls == ["a"] * 3 and len(times["a"]) == 3  # never more rounds than runs
+
+
+def test_case_runners_replace_the_built_backend(clustered):
+    calls = []
+
+    def mine(x):
+        calls.append(x.shape)
+        with torch.no_grad():
+            return clustered.eval()(torch.from_numpy(x)).numpy()
+
+    case = Case("tiny", None, clustered, (1, 3, 8, 8), "kse", runners={"onnxruntime-stock": mine})
+    res = run_bench([case], ("torch-dense", "onnxruntime-stock"), threads=1, runs=2, warmup=1, show_progress=False)
+    rec = {r["backend"]: r for r in res.records}
+    assert set(rec) == {"torch-dense", "onnxruntime-stock"} and rec["onnxruntime-stock"]["runs"] == 2
+    assert rec["onnxruntime-stock"]["max_abs_err"] < 1e-5
+    assert len(calls) == 1 + 1 + 2 + 2  # check, warm-up, one re-warm per round, timed
