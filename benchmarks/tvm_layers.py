@@ -10,7 +10,7 @@ alternating blocks of runs (two rounds each; TVM_NUM_THREADS=2, torch.set_num_th
 Usage::
 
     TVM_NUM_THREADS=2 python benchmarks/tvm_layers.py [--runs 50] [--warmup 10] \
-        [--json benchmarks/results/tvm_layers.json] [--only 256@14]
+        [--json benchmarks/results/tvm_layers.json] [--only 256@14] [--q 8 | --q O/4]
 """
 
 from __future__ import annotations
@@ -87,12 +87,12 @@ def stats(ts: list[float]) -> dict:
     return {"median_ms": float(np.median(a)), "min_ms": float(a.min()), "max_ms": float(a.max()), "runs": len(a)}
 
 
-def bench_layer(name, C, O, H, stride, runs, warmup, threads=2) -> dict:
+def bench_layer(name, C, O, H, stride, runs, warmup, threads=2, q: str = "8") -> dict:
     import tvm
 
     from kcompile.kernels.tvm_schedule import CompiledConv
 
-    layer = clustered_layer(C, O, stride)
+    layer = clustered_layer(C, O, stride, q=O // 4 if q == "O/4" else int(q))
     cw = layer.clustered_weight().detached()
     x = np.random.default_rng(0).standard_normal((1, C, H, H)).astype(np.float32)
     t0 = time.perf_counter()
@@ -114,6 +114,7 @@ def bench_layer(name, C, O, H, stride, runs, warmup, threads=2) -> dict:
         td += timed_blocks(lambda: F.conv2d(xt, wt, None, stride, 1), runs, warmup)  # similar load
     Ho = ref.shape[2]
     hw = Ho * Ho
+    q_req = q
     q = conv.arrays.meta.get("q", 0)
     dense_macs = O * C * 9 * hw
     shared_ops = C * q * 9 * hw + O * C * hw
@@ -122,7 +123,8 @@ def bench_layer(name, C, O, H, stride, runs, warmup, threads=2) -> dict:
         "model": "resnet18", "layer": name, "backend": "tvm-llvm", "batch": 1, "threads": threads,
         **k, "dense_median_ms": d["median_ms"], "dense_min_ms": d["min_ms"], "dense_max_ms": d["max_ms"],
         "speedup_median": d["median_ms"] / k["median_ms"], "speedup_min": d["min_ms"] / k["min_ms"],
-        "op_count_bound": dense_macs / shared_ops, "method": "kse", "q": q, "form": conv.form,
+        "op_count_bound": dense_macs / shared_ops, "method": "kse", "q": q, "q_requested": q_req,
+        "form": conv.form,
         "tiles": repr(conv.tiles), "rel_err": err, "build_s": build_s,
         "shape": {"C": C, "O": O, "H": H, "stride": stride},
     }
@@ -187,6 +189,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated layer names")
     ap.add_argument("--suite", default="layers", choices=["layers", "models"])
     ap.add_argument("--threads", type=int, default=2, help="torch threads (set TVM_NUM_THREADS to match)")
+    ap.add_argument("--q", default="8", help="KSE centroids per input channel: a number or O/4 (layers suite)")
     a = ap.parse_args(argv)
     if os.environ.get("TVM_NUM_THREADS") != str(a.threads):
         raise SystemExit(f"set TVM_NUM_THREADS={a.threads} before starting (TVM reads it once)")
@@ -201,7 +204,7 @@ def main(argv=None) -> int:
     for name, C, O, H, s in (SHAPES if a.suite == "layers" else []):
         if only and name not in only:
             continue
-        r = bench_layer(name, C, O, H, s, a.runs, a.warmup, a.threads)
+        r = bench_layer(name, C, O, H, s, a.runs, a.warmup, a.threads, a.q)
         records.append(r)
         print(f"{name:>15}  tvm {r['median_ms']:7.3f} ms (min {r['min_ms']:.3f})  dense {r['dense_median_ms']:7.3f} ms "
               f"(min {r['dense_min_ms']:.3f})  x{r['speedup_median']:.2f} (min/min x{r['speedup_min']:.2f})  "

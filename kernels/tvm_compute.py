@@ -27,7 +27,8 @@ rows; ``out`` keeps the valid ones.
 
   ``Cz = groups * Ck`` z-channels (kept input channels of every group), ``q`` = the largest
   number of distinct (centroid, transform) kernels of one channel (books padded with zero
-  kernels); pruned channels are simply absent. Stage 1 computes each distinct centroid
+  kernels; above 15 rounded up by :func:`pad_centroids` unless it has a divisor in 6..15);
+  pruned channels are simply absent. Stage 1 computes each distinct centroid
   kernel once per input channel, stage 2 gathers and accumulates.
 
 ``filter`` (filter unit): a dense conv with the n distinct filters, then a gather of output
@@ -126,6 +127,16 @@ def _f32(a) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a), dtype=np.float32)
 
 
+def pad_centroids(q: int) -> int:
+    """The book's centroid count per z-channel: q, or for q > 15 without a divisor in 6..15
+    the next multiple of 8 (zero kernels), so that the llvm schedule's stage-1 register
+    block (a divisor of q below 16 centroids) stays at least 6 wide."""
+    q = max(int(q), 1)
+    if q <= 15 or any(q % d == 0 for d in range(6, 16)):
+        return q
+    return -(-q // 8) * 8
+
+
 def shared_arrays(cw: ClusteredWeight, groups: int, bias) -> ConvArrays:
     """Uniform conv-then-add tables (book padded to q per z-channel); see module doc.
 
@@ -141,7 +152,7 @@ def shared_arrays(cw: ClusteredWeight, groups: int, bias) -> ConvArrays:
     Cz = groups * Ck
     Og = O // groups
     counts = np.diff(t.zstart)
-    q = max(int(counts.max()) if counts.size else 1, 1)
+    q = pad_centroids(int(counts.max()) if counts.size else 1)
     book = np.zeros((max(Cz, 1), q, kh * kw), np.float32)
     zchan = np.zeros(max(Cz, 1), np.int64)
     for k in range(Cz):
@@ -165,7 +176,7 @@ def shared_arrays(cw: ClusteredWeight, groups: int, bias) -> ConvArrays:
         arrays["dchan"] = _i32(d.channels)
     arrays["bias"] = _f32(np.zeros(O) if bias is None else _np(bias))
     ident = Cz == groups * Cg and bool(np.all(zchan == np.arange(len(zchan))))
-    meta = {"q": q, "Ck": Ck, "F": F, "zident": ident}
+    meta = {"q": q, "Ck": Ck, "F": F, "zident": ident, "unit_scale": bool(np.all(scale == 1.0))}
     return ConvArrays("shared", arrays, meta)
 
 
@@ -190,11 +201,20 @@ def _np(t) -> np.ndarray:
     return np.asarray(t, np.float32)
 
 
+# relative cost of one vector operation of each kind against one dense direct-conv FMA
+# (llvm kernels, measured on this machine: the direct conv runs near the FMA peak; stage 1
+# at ~70 %, the gather at ~55 % (one z load per add); both fall to ~40 % with q > 16: small
+# register blocks, chunks of few channels)
+STAGE1_WEIGHT, GATHER_WEIGHT, LARGE_Q_WEIGHT = 1.4, 1.8, 2.5
+
+
 def choose_form(cw: ClusteredWeight, spec: ConvSpec) -> str:
-    """The cheapest form by operation count (``cw.conv_macs``): kernel unit -> ``shared``
-    when conv-then-add beats dense (with the padded book size q), filter unit -> ``filter``,
-    row / scalar units -> ``dense`` (decode-then-dense; their factorised forms need one
-    sub-kernel per row / tap, which the stage-1 conv would compute at full kernel size)."""
+    """The cheapest form by weighted operation count: kernel unit -> ``shared`` when
+    conv-then-add (stage-1 FMAs x ``STAGE1_WEIGHT`` + gather adds x ``GATHER_WEIGHT``, both x
+    ``LARGE_Q_WEIGHT`` / their weight for books above 16 centroids, with the padded book size
+    q) beats the dense direct conv, filter unit -> ``filter``, row / scalar units -> ``dense``
+    (decode-then-dense; their factorised forms need one sub-kernel per row / tap, which the
+    stage-1 conv would compute at full kernel size)."""
     if cw.unit == "filter":
         return "filter"
     if cw.unit != "kernel":
@@ -203,10 +223,11 @@ def choose_form(cw: ClusteredWeight, spec: ConvSpec) -> str:
     hw = Ho * Wo
     t = shared_tables(cw, spec.geom.groups)
     counts = np.diff(t.zstart)
-    q = int(counts.max()) if counts.size else 0
+    q = pad_centroids(int(counts.max())) if counts.size else 0
     pruned, full = channel_masks(cw)
     Cz = spec.geom.groups * t.Ck
-    shared = Cz * q * spec.kh * spec.kw * hw + spec.O * t.Ck * hw
+    w1, w2 = (STAGE1_WEIGHT, GATHER_WEIGHT) if q <= 16 else (LARGE_Q_WEIGHT, LARGE_Q_WEIGHT)
+    shared = w1 * Cz * q * spec.kh * spec.kw * hw + w2 * spec.O * t.Ck * hw
     shared += spec.O * int(full.sum()) * spec.kh * spec.kw * hw
     dense = spec.O * spec.Cg * spec.kh * spec.kw * hw
     return "shared" if shared < dense else "dense"
@@ -268,8 +289,9 @@ def centroid_conv(xf, book, zchan, spec: ConvSpec, P: int, ident: bool):
     return te.compute((spec.N, Cz, q, P), f, name="z")
 
 
-def gather_accumulate(z, lidx, scale, spec: ConvSpec, Ck: int, P: int):
-    """Stage 2: acc[n, o, p] = sum_t scale[o, t] * z[n, g(o)*Ck + t, lidx[o, t], p]."""
+def gather_accumulate(z, lidx, scale, spec: ConvSpec, Ck: int, P: int, unit_scale: bool = False):
+    """Stage 2: acc[n, o, p] = sum_t scale[o, t] * z[n, g(o)*Ck + t, lidx[o, t], p]
+    (``unit_scale``: every scale is 1 (KSE), a plain sum of the gathered rows)."""
     from tvm import te, tirx
 
     Og = spec.Og
@@ -279,9 +301,16 @@ def gather_accumulate(z, lidx, scale, spec: ConvSpec, Ck: int, P: int):
 
     def f(n, o, p):
         k = t if spec.geom.groups == 1 else (o // Og) * Ck + t
-        # clamped so region analysis sees j in [0, q) (tables are in range; a lone
-        # centroid needs no index at all)
-        j = tirx.min(tirx.max(lidx[o, t], 0), q - 1) if q > 1 else 0
+        # j is data dependent: bounded to [0, q) so region analysis sees the whole (small)
+        # centroid axis (tables are in range; a lone centroid needs no index)
+        if q == 1:
+            j = 0
+        elif q & (q - 1) == 0:
+            j = tirx.floormod(lidx[o, t], q)  # one `and`; bounded for the region analysis
+        else:
+            j = tirx.min(tirx.max(lidx[o, t], 0), q - 1)
+        if unit_scale:
+            return te.sum(z[n, k, j, p], axis=t)
         return te.sum(scale[o, t] * z[n, k, j, p], axis=t)
 
     return te.compute((spec.N, spec.O, P), f, name="acc")
@@ -315,7 +344,8 @@ def _x(spec: ConvSpec):
 
 def shared_conv(spec: ConvSpec, meta: dict, P: int):
     """TE graph of the ``shared`` form. Returns (params, out) with params in call order
-    x, book, zchan, lidx, scale[, dweight, dchan], bias."""
+    x, book, zchan, lidx, scale[, dweight, dchan], bias. ``meta["unit_scale"]``: stage 2
+    without the (all-one, KSE) scales (the ``scale`` parameter stays in the signature)."""
     from tvm import te
 
     q, Ck, F = meta["q"], meta["Ck"], meta["F"]
@@ -332,7 +362,7 @@ def shared_conv(spec: ConvSpec, meta: dict, P: int):
     parts = []
     if Ck:
         z = centroid_conv(xf, book, zchan, spec, P, meta["zident"])
-        parts.append(gather_accumulate(z, lidx, scale, spec, Ck, P))
+        parts.append(gather_accumulate(z, lidx, scale, spec, Ck, P, meta.get("unit_scale", False)))
     if F:
         dweight = te.placeholder((spec.O, F, spec.kh, spec.kw), "float32", name="dweight")
         dchan = te.placeholder((spec.geom.groups * F,), "int32", name="dchan")

@@ -6,22 +6,31 @@ is any run of 16*nv positions, whatever the row length.
 ``llvm`` (x86 AVX-512; AVX2 gets the same code legalised to ymm), ``shared`` form -- the
 blocking of a GEMM applied to a gather:
 
-- the output is tiled into OB output channels x TL = 16*nv positions; for each tile the
-  OB x nv accumulator vectors stay in registers across the whole reduction over input
-  channels (the t loop is outside the unrolled OB x nv block; one z vector load per FMA,
-  plus a scalar lidx / scale load per (o, t) amortised over nv vectors);
-- stage 1 (``z``, CC kept channels x q centroids x TL positions) is computed by
-  ``compute_at`` just before the tile's outputs consume it (fused: z never reaches DRAM;
-  the chunk is sized for L1 by ``ZCHUNK_BYTES``; the tile's accumulators persist in the
-  acc buffer across chunks and sit in registers within one), taps unrolled, one input
-  vector per tap feeding all q centroid accumulators, positions vectorised;
-- the parallel loop runs over batch x output-channel groups (only when there are fewer
-  tiles than threads; z is then recomputed per group) x tiles, never over input channels.
+- the output is tiled into TL = 16*nv positions; the parallel loop runs over batch x
+  (output-channel groups og, only when there are fewer tiles than threads; z is then
+  recomputed per group) x tiles, never over input channels;
+- for each tile, the input channels are processed in chunks of CC whose stage-1 result
+  (``z``, CC x q x TL) fits L1 (``ZCHUNK_BYTES``), computed by ``compute_at`` just before
+  the chunk is consumed (fused: z never reaches DRAM);
+- stage 2 for a chunk: OB outputs x nv vectors of accumulators in registers across the
+  chunk's channels (loaded / stored once per chunk from the tile's acc rows), one z vector
+  load per add, per (o, t) one index load + mask + multiply (``lidx % q`` for power-of-two
+  q: one ``and``); KSE's all-one scales are dropped (``meta["unit_scale"]``: plain adds);
+- stage 1 for a chunk: a register block of zj centroids x zv position vectors, kept in a
+  small ``cache_write`` buffer that LLVM promotes to registers (it must stay a stack
+  alloca, < 1 KB: larger "global" / any "local" buffers become heap workspaces and every
+  FMA goes through memory -- the old reduction-into-z form also paid a zero-store pass);
+  taps unrolled, one broadcast weight per tap feeds zv FMAs;
+- tile sizes: :func:`llvm_tiles` minimises :func:`shared_tile_cost` (padding of P, gather
+  scalar overhead ~1/nv, accumulator reloads ~2/CC, stage-1 recomputation, balance of the
+  parallel tasks over the threads); ``tvm_tune.search_tiles`` can time alternatives;
 - ``xpad`` (flat padded input) and ``out`` (valid columns + bias) are separate parallel,
   vectorised passes.
 
 ``llvm``, ``filter`` / ``dense`` forms (and KSE's full channels): a direct conv with OB
-outputs x nv vectors of accumulators, the input vector of a tap shared by the OB outputs.
+outputs x nv vectors of accumulators (up to ``DIRECT_REGS``), the input vector of a tap
+shared by the OB outputs, the weight broadcast shared by the nv vectors
+(:func:`direct_tiles`).
 
 ``cuda``: a thread block owns (n, OB outputs, TP positions), one thread per position with
 OB register accumulators; stage 1 for a chunk of CC input channels is computed
@@ -36,8 +45,6 @@ from dataclasses import dataclass
 from .tvm_compute import ConvArrays, ConvSpec
 
 VEC_BUDGET = 16          # accumulator vectors kept in registers (AVX-512: 32 zmm)
-ZTILE_BYTES = 1 << 20    # z tile budget (L2 is 2 MB per core here)
-Z_UNROLL = 12            # stage 1 keeps up to this many centroid accumulators per tap
 ZCHUNK_BYTES = 32 << 10  # z chunk (CC channels x q x TL) budget: L1d is 48 KB per core
 
 
@@ -55,6 +62,8 @@ class LlvmTiles:
     ZT: int
     P: int
     CC: int = 0  # input channels per z chunk (0: all channels at once)
+    zv: int = 0  # stage 1: 16-float position vectors per register block (0: auto)
+    zj: int = 0  # stage 1: centroids per register block (0: auto)
 
     @property
     def TL(self) -> int:
@@ -68,44 +77,109 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _register_block(spec: ConvSpec, Og: int, zbytes_per_pos: int = 0) -> tuple[int, int, int]:
-    """(OB, nv, P): long register tiles (the scalar work per (o, t) -- lidx, scale -- is
-    amortised over nv vectors), little padding of Ho*Wq to a multiple of 16*nv, 8..16
-    accumulator vectors (OB*nv), and a z tile (all channels x TL positions) within
-    ``ZTILE_BYTES``. Measured on this machine: nv 7-12 beats nv 1-2 by ~1.5x."""
+# cost model of the llvm shared schedule (fitted to measurements on this machine, KSE q=8
+# resnet18 shapes, 1 thread): per (output, input channel) the gather pays a few scalar
+# instructions (index load, mask, multiply) amortised over nv vector adds (GATHER_SCALAR/nv),
+# each z chunk of CC channels reloads/stores the tile's accumulators (~ACC_RELOAD*2/CC), and
+# stage 1 is fastest with 3-vector register blocks (nv a multiple of 3)
+GATHER_SCALAR = 0.6
+ACC_RELOAD = 0.5
+STAGE1_NOT3 = 1.3  # stage 1 without a 3-vector register block (see _stage1_block)
+
+
+DIRECT_REGS = 24  # direct conv: accumulator vectors (of 32 zmm; the rest: inputs, a weight)
+
+
+def direct_tiles(spec: ConvSpec, Oo: int, threads: int = 2) -> LlvmTiles:
+    """Register block of a direct conv with Oo outputs (``filter`` / ``dense`` forms): OB
+    outputs x nv vectors, per tap nv input loads + OB weight broadcasts feed OB*nv FMAs;
+    minimises (padding of P) x (loads per FMA) / (balance of the parallel tasks)."""
+    Og = Oo // spec.geom.groups
     base = spec.wide_len()
     best = None
-    for nv in range(1, VEC_BUDGET + 1):
-        if nv > 1 and zbytes_per_pos * VEC * nv > ZTILE_BYTES:
-            break
-        P = spec.wide_len(VEC * nv)
-        OB = next(ob for ob in (8, 4, 2, 1) if Og % ob == 0 and ob * nv <= VEC_BUDGET)
-        regs = OB * nv
-        score = P / base + (0.15 if regs < 8 else 0.0) + (0.05 if regs < 12 else 0.0) + 0.25 / nv
-        if best is None or score < best[0] - 1e-9:
-            best = (score, OB, nv, P)
-    return best[1], best[2], best[3]
+    for OB in (8, 6, 4, 3, 2, 1):
+        if Og % OB:
+            continue
+        for nv in range(1, DIRECT_REGS // OB + 1):
+            P = spec.wide_len(VEC * nv)
+            tasks = spec.N * (Oo // OB) * (P // (VEC * nv))
+            balance = tasks / (threads * -(-tasks // threads))
+            score = P / base * (1 + 0.5 * (nv + OB) / (OB * nv)) / balance
+            if best is None or score < best[0] - 1e-9:
+                best = (score, OB, nv, P)
+    _, OB, nv, P = best
+    return LlvmTiles(1, OB, nv, VEC * nv, P)
+
+
+STAGE1_CHAINS = 6  # stage 1: independent accumulators wanted (9-FMA chains, 4-cycle latency)
+
+
+def _stage1_block(nzv: int, q: int, tl: LlvmTiles) -> tuple[int, int]:
+    """(zv, zj): stage 1's register block, zj centroids x zv position vectors (zv | nzv,
+    zj | q). Long position rows first (one broadcast weight per tap feeds zv FMAs; measured
+    ~10 % faster than 8 centroids x 1 vector; 3 vectors -- the 27 tap vectors of a 3x3
+    kernel stay in registers for every centroid -- ~25 % faster again), then the fewest
+    centroids giving ``STAGE1_CHAINS`` accumulators. The block must stay a stack alloca
+    (< 1 KB) -- larger buffers become heap workspaces and every FMA goes through memory."""
+    def fits(zv, zj):
+        return zv * zj * VEC * 4 < 1024
+
+    if not tl.zv and nzv % 3 == 0:
+        zv = 3  # 27 tap vectors stay in registers across the centroids (measured best)
+    else:
+        zv = max(d for d in _divisors(nzv) if d <= (tl.zv or 8) and fits(d, 1))
+    if tl.zj:
+        zj = max(d for d in _divisors(q) if d <= tl.zj and fits(zv, d))
+    else:
+        ok = [d for d in _divisors(q) if fits(zv, d)]
+        zj = next((d for d in ok if d * zv >= STAGE1_CHAINS), ok[-1])
+    return zv, zj
+
+
+def _chunk(Ck: int, q: int, TL: int, groups: int) -> int:
+    """Input channels per z chunk: the most whose z (CC x q x TL floats) fits
+    ``ZCHUNK_BYTES`` (0: all channels fit, or grouped convs: no chunking)."""
+    if groups != 1 or Ck <= 1:
+        return 0
+    fit = [d for d in _divisors(Ck) if d * q * TL * 4 <= ZCHUNK_BYTES]
+    return fit[-1] if fit and fit[-1] < Ck else (0 if fit else 1)
+
+
+def shared_tile_cost(spec: ConvSpec, meta: dict, nv: int, threads: int = 2) -> tuple[float, LlvmTiles]:
+    """(relative cost, tiles) of the shared schedule with nv vectors per register row: the
+    padding of P, stage 1 (recomputed per output group og), the gather overheads (see
+    ``GATHER_SCALAR`` / ``ACC_RELOAD``) and the balance of the parallel tasks over threads."""
+    Ck, q = max(meta.get("Ck", 1), 1), max(meta.get("q", 1), 1)
+    Cz = spec.geom.groups * Ck
+    TL = VEC * nv
+    P = spec.wide_len(TL)
+    tiles = spec.N * (P // TL)
+    OB = next(ob for ob in (4, 2, 1) if spec.Og % ob == 0 and ob * nv <= VEC_BUDGET)
+    og = threads if tiles < threads and (spec.O // OB) % threads == 0 and spec.geom.groups == 1 else 1
+    tasks = tiles * og
+    balance = tasks / (threads * -(-tasks // threads))
+    CC = _chunk(Ck, q, TL, spec.geom.groups)
+    s1 = Cz * q * spec.kh * spec.kw
+    s2 = spec.O * Ck
+    # 2/CC accumulator loads + stores per add; below ~4 channels per chunk the store port
+    # saturates (measured: q=64 at CC=1 is 2.6x slower than at CC=4)
+    reload = ACC_RELOAD * (2 / CC) * (1 + 2 / CC) if CC else 0.0
+    work = s1 * og * (1.0 if nv % 3 == 0 else STAGE1_NOT3) + s2 * (1 + GATHER_SCALAR / nv) * (1 + reload)
+    cost = P / spec.wide_len() * work / (s1 + s2) / balance
+    return cost, LlvmTiles(og, OB, nv, TL, P, CC)
 
 
 def llvm_tiles(spec: ConvSpec, meta: dict, threads: int = 2) -> LlvmTiles:
-    """Pick tile sizes for ``spec`` (see module doc); deterministic, shape driven. The z
-    tile is one register tile; its channels are processed in chunks of CC whose z fits L1
-    (measured 10-25% faster than the whole-tile z in L2 on resnet18 shapes); with fewer
-    tiles than threads the output channels are split too (z recomputed)."""
-    Cz = max(spec.geom.groups * meta.get("Ck", 1), 1)
-    q = meta.get("q", 1)
-    OB, nv, P = _register_block(spec, spec.Og, Cz * q * 4)
-    TL = VEC * nv
-    tiles = spec.N * (P // TL)
-    og = 1
-    if tiles < threads and (spec.O // OB) % threads == 0:
-        og = threads
-    Ck = meta.get("Ck", 0)
-    CC = 0
-    if spec.geom.groups == 1 and Ck > 1:
-        fit = [d for d in _divisors(Ck) if d * q * TL * 4 <= ZCHUNK_BYTES]
-        CC = fit[-1] if fit and fit[-1] < Ck else 0
-    return LlvmTiles(og, OB, nv, TL, P, CC)
+    """Pick tile sizes for ``spec`` (see module doc); deterministic, shape driven: the
+    register row length nv (1..8 vectors) minimising :func:`shared_tile_cost`. The z tile
+    is one register tile; its channels are processed in chunks of CC whose z fits L1; with
+    fewer tiles than threads the output channels are split too (z recomputed). Direct
+    convs (``filter`` / ``dense`` forms, no stage 1): :func:`direct_tiles`."""
+    if not meta.get("Ck"):
+        Oo = spec.geom.groups * meta["n_max"] if "n_max" in meta else spec.O
+        return direct_tiles(spec, Oo, threads)
+    cands = [shared_tile_cost(spec, meta, nv, threads) for nv in range(1, 9)]
+    return min(cands, key=lambda c: c[0] - 1e-9 * c[1].nv)[1]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -174,23 +248,40 @@ def schedule_shared_llvm(sch, spec: ConvSpec, meta: dict, tl: LlvmTiles) -> None
         sch.unroll(oi)
         sch.decompose_reduction(acc, tc if chunked else t)
         z = sch.get_sblock("z")
-        sch.compute_at(z, tc if chunked else outer)
         at = tc if chunked else outer
+        sch.compute_at(z, at)
         zdepth = 1 + next(i for i, lp in enumerate(sch.get_loops(z)) if sch.get(lp).same_as(sch.get(at)))
         _, zk, zj, zp, zr, zs = iter_loops(sch, z, zdepth)
-        zpo, zpi = sch.split(zp, [None, VEC])
-        if zj is not None and meta["q"] <= Z_UNROLL:
-            # one input vector per tap feeds all q centroid accumulators (registers)
-            sch.reorder(*_present(zk, zpo, zr, zs, zj, zpi))
-            sch.unroll(zj)
+        nzv = sch.get(zp).extent.value // VEC
+        # register block of stage 1: ji centroids x zv position vectors (_stage1_block)
+        q = meta["q"] if zj is not None else 1
+        zv, ji = _stage1_block(nzv, q, tl)
+        zpo, zpv, zpi = sch.split(zp, [None, zv, VEC])
+        taps = _present(zr, zs)
+        if zj is not None:
+            jo, jj = sch.split(zj, [None, ji])
+            sch.reorder(*_present(zk, zpo, jo, *taps, jj, zpv, zpi))
+            anchor = jo
+            sch.unroll(jj)
         else:
-            sch.reorder(*_present(zk, zj, zpo, zr, zs, zpi))
+            sch.reorder(*_present(zk, zpo, *taps, zpv, zpi))
+            anchor = zpo
+        # per tap: zv input vectors and ji broadcast weights feed ji*zv FMAs
+        wb = sch.cache_write(z, 0, "global")  # "global": a stack alloca when < 1 KB
+        sch.reverse_compute_at(wb, anchor)
+        wl = sch.get_loops(wb)
+        wp = wl[-1]
+        wpv, wpi = sch.split(wp, [None, VEC])
+        if zj is not None:
+            sch.unroll(wl[-2])
+        sch.unroll(wpv)
+        sch.vectorize(wpi)
+        sch.unroll(zpv)
         sch.vectorize(zpi)
-        for lp in _present(zr, zs):
+        for lp in taps:
             sch.unroll(lp)
-        first = _present(zr, zs)
-        if first:
-            sch.decompose_reduction(z, first[0])
+        if taps:
+            sch.decompose_reduction(z, taps[0])
     if meta["F"]:
         _schedule_direct_block(sch, spec, "dense", tl)
 
