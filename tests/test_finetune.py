@@ -17,14 +17,10 @@ from tiny_models import tiny
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The machine is shared: one intra-op thread keeps these tests fast and steady."""
-    import torch._dynamo  # noqa: F401  DDP imports it; once here, forked ranks inherit it
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread_dynamo_loaded(one_torch_thread):
+    """One torch thread (conftest), and torch._dynamo imported once here: DDP imports it, and
+    the forked ranks inherit it instead of importing it each."""
+    import torch._dynamo  # noqa: F401
 
 
 def _templates_data(n: int, seed: int) -> TensorDataset:

@@ -13,12 +13,7 @@ from kcompile.graft import (GraftConfig, dlr_lr, graft_coefficient, graft_plan, 
 from tiny_models import tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_layer_entropy_by_hand():

@@ -11,6 +11,7 @@ import torch
 from kcompile import kmeans as km_mod
 from kcompile.errors import UsageError
 from kcompile.kmeans import KMeansResult, assign, d4_permutations, kmeans
+from torch_threads import torch_threads
 
 
 def blobs(n_per, centers, sigma, seed):
@@ -179,14 +180,10 @@ def test_deterministic_and_private_rng():
 def test_thread_count_does_not_change_result():
     g = torch.Generator().manual_seed(9)
     x = torch.randn(10000, 9, generator=g)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         r1 = kmeans(x, 64, seed=0, iters=6)
-        torch.set_num_threads(2)
+    with torch_threads(2):
         r2 = kmeans(x, 64, seed=0, iters=6)
-    finally:
-        torch.set_num_threads(old)
     assert torch.equal(r1.centroids, r2.centroids) and torch.equal(r1.labels, r2.labels)
     assert torch.equal(r1.inertia, r2.inertia)
 

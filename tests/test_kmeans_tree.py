@@ -7,6 +7,7 @@ import torch
 import kcompile.kmeans_tree as kt
 from kcompile.errors import UsageError
 from kcompile.kmeans import kmeans
+from torch_threads import torch_threads
 
 
 def _blobs(n: int, d: int, centres: int, seed: int = 0) -> torch.Tensor:
@@ -71,14 +72,10 @@ def test_two_level_init_close_to_kmeanspp(tree_from):
 def test_deterministic_and_thread_independent(tree_from):
     tree_from(100)
     x = _blobs(5000, 3, 50, seed=4)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         a = kmeans(x, 300, iters=20, seed=7)
-        torch.set_num_threads(2)
+    with torch_threads(2):
         b = kmeans(x, 300, iters=20, seed=7)
-    finally:
-        torch.set_num_threads(old)
     assert torch.equal(a.labels, b.labels)
     assert torch.equal(a.centroids, b.centroids)
 
