@@ -656,13 +656,13 @@ def _kmeans_many(X, V, kk, iters: int, tol: float, seed: int, c0) -> KMeansResul
     for b in range(B):
         k = int(kk[b])
         pos = V[b].nonzero().squeeze(1)
-        xb = X[b, pos].to(torch.float64)
-        start = c0[b, :k] if c0 is not None else _two_level_init(X[b, pos], k, seed)
+        xb = X[b, pos]
+        start = c0[b, :k] if c0 is not None else _two_level_init(xb, k, seed)
         c, lab, it = lloyd_tree(xb.cpu().numpy(), start.cpu().numpy(), iters, tol, workers)
         centroids[b, :k] = torch.from_numpy(c).to(torch.float32)
         labels[b, pos] = torch.from_numpy(lab).to(dev)
         n_iter = max(n_iter, it)
-    inertia = _inertia(X, V, centroids, labels, labels, None)
+    inertia = _inertia(X, V, centroids, labels, None, None)
     return KMeansResult(centroids=centroids, labels=labels, transform=None, inertia=inertia,
                         iterations=n_iter)
 

@@ -93,7 +93,7 @@ def lloyd_tree(x: np.ndarray, init: np.ndarray, iters: int, tol: float, workers:
         lab, d2 = _nearest(x, c, workers)
         if labels is not None and np.array_equal(lab, labels):
             n_iter = it + 1  # converged: this assignment moved nothing (counted, as sklearn does)
-            break
+            return c, lab, n_iter  # lab is already the assignment to the final centroids
         labels = lab
         sums, counts = _sums(x, labels, k)
         _repair_empty(x, labels, d2, sums, counts)
