@@ -168,8 +168,7 @@ def _conv_converter(target_kind: str, threads: int, forms: dict | None, folds: d
 
     from .kernels.plan import Geometry
     from .kernels.tvm_compute import ConvSpec
-    from .kernels.tvm_dense_tiles import dense_tiles
-    from .kernels.tvm_schedule import layer_module, plan_tiles
+    from .kernels.tvm_schedule import layer_module
 
     def convert(node, importer):
         x = importer.env[node.args[0]]
@@ -186,10 +185,7 @@ def _conv_converter(target_kind: str, threads: int, forms: dict | None, folds: d
         arrays, epilogue = _layer_arrays(e, spec, forms, bn)
         e.form = arrays.form
         fname = "kc_" + (e.name.replace(".", "_") or "conv") + f"_{arrays.form}"
-        tiles = None
-        if arrays.form == "dense" and target_kind == "llvm":
-            tiles = dense_tiles(spec, plan_tiles(spec, arrays, target_kind, threads))
-        lm = layer_module(spec, arrays, target_kind, threads, name=fname, tiles=tiles)
+        lm = layer_module(spec, arrays, target_kind, threads, name=fname)
         func = lm.mod[fname].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
         e.info = {"form": arrays.form, "function": fname, "input_shape": (N, C, H, W),
                   "output_shape": spec.out_shape, "tiles": repr(lm.tiles)}

@@ -171,18 +171,3 @@ def test_relu_moves_after_max_pool():
         bb.emit_func_output(o)
     text = relu_after_max_pool(bb.get()["main"]).script()
     assert text.index("max_pool2d") < text.index("relu")
-
-
-def test_dense_tiles_only_replace_one_output_blocks():
-    from kcompile.kernels.plan import Geometry
-    from kcompile.kernels.tvm_compute import ConvSpec
-    from kcompile.kernels.tvm_dense_tiles import dense_tiles
-    from kcompile.kernels.tvm_schedule import LlvmTiles
-
-    spec = ConvSpec(1, 64, 56, 56, 64, 3, 3, Geometry.make((1, 1), (1, 1), (1, 1), 1))
-    one = LlvmTiles(og=1, OB=1, nv=12, ZT=192, P=spec.wide_len(192))
-    t = dense_tiles(spec, one)
-    assert (t.OB, t.nv) == (8, 2) and t.P % t.TL == 0 and t.P >= spec.wide_len()
-    assert dense_tiles(spec, LlvmTiles(og=1, OB=4, nv=4, ZT=64, P=spec.wide_len(64))) is None
-    dw = ConvSpec(1, 16, 8, 8, 16, 3, 3, Geometry.make((1, 1), (1, 1), (1, 1), 16))
-    assert dense_tiles(dw, one) is None
