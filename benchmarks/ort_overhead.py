@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import numpy as np
 import torch
@@ -36,13 +35,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
 def timeit(fn, runs: int, warmup: int = 5) -> dict:
+    from kcompile.bench import timed_calls
+
     for _ in range(warmup):
         fn()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
+    ts = timed_calls(fn, runs)
     return {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts), "runs": runs}
 
 

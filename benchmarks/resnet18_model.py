@@ -59,6 +59,8 @@ def run_path(name: str, threads: int, runs: int, warmup: int, cache: str) -> dic
     import numpy as np
     import torch
 
+    from kcompile.bench import timed_calls
+
     torch.set_num_threads(threads)
     os.environ["TVM_NUM_THREADS"] = str(threads)
     dense, cm = build_models(cache)
@@ -91,11 +93,7 @@ def run_path(name: str, threads: int, runs: int, warmup: int, cache: str) -> dic
     err = float(np.abs(y - ref).max() / (ref.max() - ref.min()))
     for _ in range(warmup):
         fn(x)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - t) * 1e3)
+    times = timed_calls(lambda: fn(x), runs)
     return {"path": name, "times_ms": times, "build_s": build_s, "rel_err": err,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

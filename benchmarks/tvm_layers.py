@@ -30,6 +30,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from kcompile.bench import timed_calls  # noqa: E402
+
 # (name, C_in, C_out, H (input), stride)
 SHAPES = [
     ("64@56", 64, 64, 56, 1),
@@ -67,23 +69,18 @@ def clustered_layer(C: int, O: int, stride: int, q: int = 8, seed: int = 0):
 
 
 def timed_blocks(f, runs: int, warmup: int) -> list[float]:
-    """``runs`` timings of f() after ``warmup`` calls, as one block. Blocks (not run-by-run
+    """``runs`` timings (ms) of f() after ``warmup`` calls, as one block. Blocks (not run-by-run
     interleaving): TVM's and OpenMP's thread pools both spin after a task, and on 2 cores
     interleaving makes each pool's spinning workers steal the other's cores. A pause
     before each block lets the previous pool go idle."""
     time.sleep(0.3)
     for _ in range(warmup):
         f()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return ts
+    return timed_calls(f, runs)
 
 
 def stats(ts: list[float]) -> dict:
-    a = np.asarray(ts) * 1e3
+    a = np.asarray(ts)
     return {"median_ms": float(np.median(a)), "min_ms": float(a.min()), "max_ms": float(a.max()), "runs": len(a)}
 
 

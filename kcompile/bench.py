@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .errors import UsageError
 
@@ -301,15 +300,23 @@ class Timing:
     runs: int
 
 
+def timed_calls(call, n: int, into: list[float] | None = None) -> list[float]:
+    """Wall time in ms (perf_counter) of each of ``n`` back-to-back calls of ``call()``,
+    appended to ``into`` (a new list if None) as they are taken, so a call that raises
+    leaves the earlier times in place; returns the list."""
+    ts = [] if into is None else into
+    for _ in range(n):
+        t = time.perf_counter()
+        call()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return ts
+
+
 def time_fn(fn, x: np.ndarray, runs: int, warmup: int) -> Timing:
     """``warmup`` untimed calls, then ``runs`` timed calls of ``fn(x)``."""
     for _ in range(warmup):
         fn(x)
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn(x)
-        ts.append((time.perf_counter() - t) * 1e3)
+    ts = timed_calls(lambda: fn(x), runs)
     return Timing(statistics.median(ts), min(ts), max(ts), runs)
 
 
@@ -400,10 +407,7 @@ def time_blocks(fns: dict, x: np.ndarray, runs: int, rounds: int = ROUNDS, settl
             try:
                 if rewarm:
                     fn(x)
-                for _ in range(n):
-                    t = time.perf_counter()
-                    fn(x)
-                    times[name].append((time.perf_counter() - t) * 1e3)
+                timed_calls(lambda: fn(x), n, into=times[name])
             except Exception as e:
                 failed.add(name)
                 if on_error is not None:
