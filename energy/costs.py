@@ -27,8 +27,20 @@ NORMALISED_KEYS = ("mac", "rf", "array", "buffer", "dram")
 ABSOLUTE_KEYS = ("mult_fp32", "add_fp32", "mult_int32", "add_int32", "sram_read_32", "dram_read_32")
 
 
+class Summable:
+    """Fieldwise ``+`` for frozen dataclasses of numbers; ``sum(costs)`` works (0 + c is c)."""
+
+    def __add__(self, other):
+        if not isinstance(other, type(self)):
+            return NotImplemented
+        return type(self)(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def __radd__(self, other):
+        return self if other == 0 else self.__add__(other)
+
+
 @dataclass(frozen=True)
-class Accesses:
+class Accesses(Summable):
     """Event counts of a layer (floats: batch included). Memory counts are in words.
 
     macs    MAC-equivalent operations (a factorised layer's products + accumulations)
@@ -45,16 +57,6 @@ class Accesses:
     buffer: float = 0.0
     dram: float = 0.0
 
-    def __add__(self, other: "Accesses") -> "Accesses":
-        if not isinstance(other, Accesses):
-            return NotImplemented
-        return Accesses(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
-
-    def __radd__(self, other):
-        if other == 0:  # sum() starts from 0
-            return self
-        return self.__add__(other)
-
     def scaled(self, factor: float) -> "Accesses":
         return Accesses(**{f.name: getattr(self, f.name) * factor for f in fields(self)})
 
@@ -63,7 +65,7 @@ class Accesses:
 
 
 @dataclass(frozen=True)
-class Energy:
+class Energy(Summable):
     """An energy split into compute and data movement (same unit for both)."""
 
     compute: float = 0.0
@@ -72,16 +74,6 @@ class Energy:
     @property
     def total(self) -> float:
         return self.compute + self.data
-
-    def __add__(self, other: "Energy") -> "Energy":
-        if not isinstance(other, Energy):
-            return NotImplemented
-        return Energy(self.compute + other.compute, self.data + other.data)
-
-    def __radd__(self, other):
-        if other == 0:
-            return self
-        return self.__add__(other)
 
     def as_dict(self) -> dict:
         return {"compute": self.compute, "data": self.data, "total": self.total}

@@ -24,8 +24,9 @@ With B_w-bit weights and B_x-bit activations, for a layer whose dot products hav
 from __future__ import annotations
 
 import math
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
+from .costs import Summable
 from .layers import LayerSpec, op_counts, weight_bits
 
 BUFFER_FACTOR = 6.0
@@ -49,7 +50,7 @@ def fa_mac(bw: int, bx: int) -> int:
 
 
 @dataclass(frozen=True)
-class DKMCost:
+class DKMCost(Summable):
     """Deep k-Means metrics of a layer (batch included).
 
     fa_compute      full adders          weight_rep, activation_rep   bits moved
@@ -62,14 +63,6 @@ class DKMCost:
     activation_rep: float = 0.0
     mac_units: float = 0.0
     data_units: float = 0.0
-
-    def __add__(self, other: "DKMCost") -> "DKMCost":
-        if not isinstance(other, DKMCost):
-            return NotImplemented
-        return DKMCost(*(a + b for a, b in zip(astuple(self), astuple(other))))
-
-    def __radd__(self, other):
-        return self if other == 0 else self.__add__(other)
 
     @property
     def compute_units(self) -> float:
