@@ -13,6 +13,13 @@ Algorithm
   ``torch.Generator`` objects derived from ``seed`` (the global RNG is never touched); step c
   of every problem draws from a generator seeded with (seed, c), so a problem gets the same
   centroids whether it is solved alone or inside a batch.
+* Large problems are seeded on a sample: k-means++ sees ``init_size`` points drawn uniformly
+  (seeded) from the valid points, by default max(65,536, 256 k); problems with fewer valid
+  points use all of them. This is scikit-learn's ``init_size`` of MiniBatchKMeans: k-means++
+  is k sequential passes over the points it sees, and on ResNet-18's 1.2 M kernels with
+  k = 256 the sample cuts seeding from ~1.8 s to ~0.3 s while the inertia after Lloyd stays
+  within 0.02 % (benchmarks/results/kmeans_vs_sklearn.md). ``init_size="all"`` seeds on
+  every point.
 * Lloyd iterations (scikit-learn's "lloyd"): assign every point to its nearest centroid,
   then move every centroid to the mean of its points. Computed exactly, but Hamerly's
   bounds (one upper and one lower bound per point) skip the points whose centroid provably
@@ -63,6 +70,9 @@ _BLOCK_ELEMS = 1 << 20  # distances computed per block in the assignment (4 MB o
 _PP_ELEMS = 1 << 20  # distances per block in k-means++ (4 MB)
 _SLACK = 1.0 + 2.0**-14  # bounds are trusted only with this relative margin (float32 rounding)
 _SEED_MIX = 0x9E3779B97F4A7C15  # to derive per-step generator seeds from (seed, step)
+_SAMPLE_STEP = -1  # generator step of the k-means++ sample (k-means++ steps are 0 .. k-1)
+_SAMPLE_MIN = 1 << 16  # default init_size: at least this many points ...
+_SAMPLE_PER_CLUSTER = 256  # ... and at least this many per cluster
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,19 @@ def _dsum(t: torch.Tensor) -> torch.Tensor:
     if nb * bs != n:
         t = torch.nn.functional.pad(t, (0, nb * bs - n))
     return t.reshape(*t.shape[:-1], nb, bs).sum(-1, dtype=torch.float64).sum(-1)
+
+
+def _dsum_rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) -> (B, D) float64 sums over N, thread-count independent like :func:`_dsum`
+    (blocks of 1024 rows, each block summed by one thread, then the block sums and the
+    remainder in a fixed order); reads ``t`` in place (no transposed copy)."""
+    b, n, d = t.shape
+    bs = 1024
+    nb = n // bs
+    s = t[:, : nb * bs].reshape(b, nb, bs, d).sum(2, dtype=torch.float64).sum(1)
+    if nb * bs < n:
+        s = s + t[:, nb * bs :].sum(1, dtype=torch.float64)
+    return s
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -217,17 +240,20 @@ def _nearest(dt: torch.Tensor, p: int, q: int):
     return idx, d1, torch.minimum(g.amin(1), h.amin(1))
 
 
-def _known(d: torch.Tensor, old: torch.Tensor):
+def _known(d: torch.Tensor, old: torch.Tensor, out_v=None, out_d=None):
     """Row layout (B, M, Kc) squared distances of points whose candidate ``old`` (B, M) is
     known: the squared distance v to it and the nearest squared distance to the other
     candidates (one vectorised pass; ``d`` is overwritten). v <= that: ``old`` is still the
-    nearest (ties keep it)."""
+    nearest (ties keep it). With ``out_v`` / ``out_d`` ((B, M) contiguous), written there."""
     b, m, kc = d.shape
     flat = (torch.arange(0, b * m * kc, kc, device=d.device).view(b, m) + old).view(-1)
     d1 = d.view(-1)
-    v = d1.index_select(0, flat).view(b, m)  # (faster than gather / scatter_ here)
+    if out_v is None:
+        v = d1.index_select(0, flat).view(b, m)  # (faster than gather / scatter_ here)
+    else:
+        v = torch.index_select(d1, 0, flat, out=out_v.view(-1)).view(b, m)
     d1.index_fill_(0, flat, _BIG)
-    return v, d.amin(2)
+    return v, torch.amin(d, 2, out=out_d) if out_d is not None else d.amin(2)
 
 
 def _orbit_mean(m: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
@@ -331,13 +357,13 @@ class _Problem:
         vf = valid.to(torch.float32)
         self.nvalid = valid.sum(1)
         nv = self.nvalid.to(torch.float64)
-        true_mean = _dsum((x * vf[..., None]).transpose(1, 2)) / nv[:, None]  # (B, D) float64
+        true_mean = _dsum_rows(x * vf[..., None]) / nv[:, None]  # (B, D) float64
         mean = true_mean if perms is None else _orbit_mean(true_mean, perms)  # transform-invariant
         self.mean64 = mean
         self.mean32 = mean.to(torch.float32)
         self.x = x
         self.xc = (x - self.mean32[:, None, :]) * vf[..., None]  # invalid points -> 0
-        var = _dsum((self.xc * self.xc).transpose(1, 2)) / nv[:, None] - (true_mean - mean) ** 2
+        var = _dsum_rows(self.xc * self.xc) / nv[:, None] - (true_mean - mean) ** 2
         self.tol_scale = var.mean(1)  # (B,) mean per-dim variance
         self.xa = _augment_points(self.xc)  # (B, N, D + 2)
         self.kc = self.kmax * self.T
@@ -404,6 +430,10 @@ class _Problem:
         else:
             bstep, mstep = 1, max(1, _BLOCK_ELEMS // kc)
         xa_flat = self.xa.view(self.B * self.N, self.D + 2)
+        if self.B == 1:
+            xbuf = torch.empty(min(mstep, mmax), self.D + 2, dtype=torch.float32, device=dev)
+        if old is not None and self.B == 1:
+            dbuf = torch.empty(1, min(mstep, mmax), kc, dtype=torch.float32, device=dev)
         for b0 in range(0, bp, bstep):
             b1 = min(bp, b0 + bstep)
             pb = probs[b0:b1]
@@ -414,7 +444,7 @@ class _Problem:
                 m1 = min(mmax, m0 + mstep)
                 ids = pad[b0:b1, m0:m1]
                 if self.B == 1:
-                    xs = xa_flat.index_select(0, ids.reshape(-1))
+                    xs = torch.index_select(xa_flat, 0, ids.reshape(-1), out=xbuf[: ids.numel()])
                 else:
                     xs = xa_flat.index_select(0, (pb[:, None] * self.N + ids).view(-1))
                 xs = xs.view(b1 - b0, m1 - m0, self.D + 2)
@@ -422,10 +452,15 @@ class _Problem:
                     dt = torch.bmm(ca, xs.transpose(1, 2))  # (b, Kc_pad, m)
                     i, v, dn = _nearest(dt, self.P, self.Q)
                     out_i[b0:b1, m0:m1] = i
+                    out_v[b0:b1, m0:m1] = v
+                    out_d[b0:b1, m0:m1] = dn
+                elif self.B == 1:  # results straight into the outputs (contiguous slices)
+                    d = torch.bmm(xs, cat, out=dbuf[:, : m1 - m0])
+                    _known(d, pad_o[:, m0:m1], out_v[:, m0:m1], out_d[:, m0:m1])
                 else:
                     v, dn = _known(torch.bmm(xs, cat), pad_o[b0:b1, m0:m1])
-                out_v[b0:b1, m0:m1] = v
-                out_d[b0:b1, m0:m1] = dn
+                    out_v[b0:b1, m0:m1] = v
+                    out_d[b0:b1, m0:m1] = dn
         outs = (out_v, out_d) if old is not None else (out_i, out_v, out_d)
         return tuple(o[0] for o in outs) if self.B == 1 else tuple(o[row, pos] for o in outs)
 
@@ -543,6 +578,7 @@ def kmeans(
     transforms=None,
     valid=None,
     init=None,
+    init_size: int | str = "auto",
 ) -> KMeansResult:
     """Cluster B problems at once with k-means (k-means++ init, Lloyd iterations).
 
@@ -562,6 +598,9 @@ def kmeans(
             label 0 and transform 0 and change nothing.
         init: optional (B, Kmax, D) (or (Kmax, D)) initial centroids instead of k-means++
             (rows >= k[b] ignored).
+        init_size: points k-means++ looks at per problem, a seeded uniform sample of its
+            valid points: "auto" (max(65536, 256 * k[b])), an int >= 1, or "all". Problems
+            with at most that many valid points are seeded on all of them.
 
     Returns:
         KMeansResult (centroids (B, Kmax, D) float32, labels (B, N) int64, transform (B, N)
@@ -584,27 +623,80 @@ def kmeans(
         raise UsageError(f"iters must be >= 0, got {iters}")
     if not (tol >= 0):
         raise UsageError(f"tol must be >= 0, got {tol}")
-    if not bool(torch.isfinite(X).logical_or(~V[..., None]).all()):
+    if X.numel():
+        lo, hi = torch.aminmax(X if bool(V.all()) else torch.where(V[..., None], X, 0.0))  # NaN propagates
+    else:
+        lo = hi = torch.zeros(())
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         raise UsageError("x contains NaN or infinite values")
     kk = _as_k(k, B, V.sum(1))
     perms = _as_perms(transforms, D, dev)
     c0 = _init_centroids(init, B, int(kk.max()), D, dev)
+    sizes = _init_sizes(init_size, kk)
     if use_tree(int(kk.max()), D, perms is not None):
         return _kmeans_many(X, V, kk, iters, float(tol), seed, c0)
-    return _kmeans_matmul(X, V, kk, perms, iters, float(tol), seed, n_local_trials, c0)
+    return _kmeans_matmul(X, V, kk, perms, iters, float(tol), seed, n_local_trials, c0, sizes)
 
 
-def _kmeans_matmul(X, V, kk, perms, iters: int, tol: float, seed: int, n_local_trials, c0) -> KMeansResult:
+def _init_sizes(init_size, kk: torch.Tensor) -> torch.Tensor | None:
+    """(B,) int64 k-means++ sample size per problem from ``init_size`` (None: all points)."""
+    if isinstance(init_size, str):
+        if init_size == "all":
+            return None
+        if init_size == "auto":
+            return torch.clamp(kk * _SAMPLE_PER_CLUSTER, min=_SAMPLE_MIN)
+    elif isinstance(init_size, int) and not isinstance(init_size, bool) and init_size >= 1:
+        return torch.maximum(torch.full_like(kk, init_size), kk)
+    raise UsageError(f'init_size must be "auto", "all" or an int >= 1, got {init_size!r}')
+
+
+def _init_sample(V: torch.Tensor, sizes: torch.Tensor | None, seed: int):
+    """Points k-means++ sees: None (all of them), or (rows, valid), (B, S) int64 positions
+    in x and their (B, S) bool mask. A problem with more than sizes[b] valid points gets
+    sizes[b] of them drawn uniformly without replacement by a generator of (seed, -1)
+    (the same draw alone or in a batch), kept in their original order; the others keep
+    their layout (positions 0 .. S-1; the positions past their last valid point are
+    invalid)."""
+    if sizes is None:
+        return None
+    nv = V.sum(1)
+    take = nv > sizes
+    if not bool(take.any()):
+        return None
+    B, N = V.shape
+    ar = torch.arange(N, device=V.device)
+    last = torch.where(V, ar, -1).amax(1) + 1  # layout length of the unsampled problems
+    S = int(torch.where(take, sizes, last).max())
+    rows = ar[:S].repeat(B, 1)
+    vs = V[:, :S].clone()
+    for b in take.nonzero().squeeze(1).tolist():
+        n = int(sizes[b])
+        pos = V[b].nonzero().squeeze(1)
+        pick = torch.randperm(pos.numel(), generator=_step_generator(seed, _SAMPLE_STEP))[:n]
+        rows[b, :n] = pos[pick.to(V.device).sort().values]
+        rows[b, n:] = 0
+        vs[b] = ar[:S] < n
+    return rows, vs
+
+
+def _kmeans_matmul(X, V, kk, perms, iters: int, tol: float, seed: int, n_local_trials, c0, sizes=None) -> KMeansResult:
     """The batched matmul engine on validated inputs (see :func:`kmeans`): X (B, N, D),
-    V (B, N) bool, kk (B,) int64, perms (T, D) or None, c0 (B, Kmax, D) float64 or None."""
-    B = X.shape[0]
+    V (B, N) bool, kk (B,) int64, perms (T, D) or None, c0 (B, Kmax, D) float64 or None,
+    sizes (B,) k-means++ sample sizes or None (all points)."""
+    B, _, D = X.shape
     dev = X.device
     pr = _Problem(X, V, kk, perms)
     Kmax = pr.kmax
     if c0 is not None:
         C64 = c0 * pr.real[..., None]
     else:
-        idx = pr.kmeanspp(seed, n_local_trials)
+        sample = _init_sample(V, sizes, seed)
+        if sample is None:
+            idx = pr.kmeanspp(seed, n_local_trials)
+        else:
+            rows, vs = sample
+            sub = _Problem(X.gather(1, rows[..., None].expand(-1, -1, D)), vs, kk, perms)
+            idx = rows.gather(1, sub.kmeanspp(seed, n_local_trials))
         C64 = pr.x[torch.arange(B, device=dev)[:, None], idx].to(torch.float64) * pr.real[..., None]
 
     C64, a, iterations = _lloyd(pr, C64, iters, tol)
@@ -798,7 +890,7 @@ def _lloyd(pr: _Problem, C64: torch.Tensor, iters: int, tol: float):
             need &= pr.valid & where[:, None]
         # flat indices: index_select / index_copy_ are much faster than a[bi, ni]
         flat = need.view(-1).nonzero().squeeze(1)
-        bi, ni = flat // N, flat % N
+        bi, ni = (flat.new_zeros(flat.shape), flat) if B == 1 else (flat // N, flat % N)
         old = a_f.index_select(0, flat)
         v, dn = pr.search(cand_aug, bi, ni, old)
         mv = (v > dn).nonzero().squeeze(1)

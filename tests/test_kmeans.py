@@ -304,3 +304,47 @@ def test_inertia_close_to_sklearn():
         for s in range(2)
     ]
     assert abs(ours - np.mean(ref)) / np.mean(ref) < 0.03, (ours, ref)
+
+
+# k-means++ on a sample (init_size) ------------------------------------------------------------
+
+
+def test_init_size_covering_all_points_equals_all():
+    x, _ = blobs(300, [[0, 0], [5, 0], [0, 5], [5, 5]], 1.0, seed=3)  # 1200 points
+    full = kmeans(x, 6, iters=5, seed=1, init_size="all")
+    same = kmeans(x, 6, iters=5, seed=1, init_size=1200)
+    assert torch.equal(full.centroids, same.centroids) and torch.equal(full.labels, same.labels)
+    # the default (max(65536, 256 k)) does not sample a problem this small
+    dflt = kmeans(x, 6, iters=5, seed=1)
+    assert torch.equal(full.centroids, dflt.centroids)
+
+
+def test_init_size_seeds_from_valid_sample_and_is_batch_invariant():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2000, 3, generator=g)
+    valid = torch.rand(2000, generator=g) < 0.5
+    x_valid = {tuple(r) for r in x[valid].tolist()}
+    seeds = kmeans(x, 8, iters=0, seed=2, valid=valid, init_size=100)
+    assert all(tuple(c) in x_valid for c in seeds.centroids[0].tolist())  # only valid points
+    assert not torch.equal(seeds.centroids, kmeans(x, 8, iters=0, seed=2, valid=valid, init_size="all").centroids)
+    # inside a batch, next to a problem that is not sampled (its own result unchanged too)
+    y = torch.randn(2000, 3, generator=g)
+    vy = torch.arange(2000) < 90
+    both = kmeans(torch.stack([y, x]), [5, 8], iters=0, seed=2, valid=torch.stack([vy, valid]), init_size=100)
+    assert torch.equal(both.centroids[1], seeds.centroids[0])
+    alone_y = kmeans(y[:90], 5, iters=0, seed=2)
+    assert torch.equal(both.centroids[0, :5], alone_y.centroids[0])
+
+
+def test_init_size_sample_keeps_quality():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(40_000, 4, generator=g)
+    full = kmeans(x, 16, iters=30, seed=0, init_size="all")
+    sampled = kmeans(x, 16, iters=30, seed=0, init_size=16 * 256)
+    assert float(sampled.inertia[0]) <= 1.01 * float(full.inertia[0])
+
+
+@pytest.mark.parametrize("bad", [0, -3, "some", 2.5, True])
+def test_init_size_rejects_bad_values(bad):
+    with pytest.raises(UsageError, match="init_size"):
+        kmeans(torch.randn(50, 2), 3, init_size=bad)
