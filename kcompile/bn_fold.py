@@ -7,9 +7,9 @@ folds it:
 
 - dense weights (plain convs, decode-then-dense clustered convs): ``w'[o] = w[o] * scale[o]``,
   ``b'[o] = b[o] * scale[o] + shift[o]`` -- the batch-norm costs nothing at run time;
-- clustered kernels (shared-centroid / filter forms): the codebook is left alone; the kernel
-  output (N, O, H, W) gets a per-output-channel ``scale`` / ``shift`` epilogue, which Relax's
-  FuseOps merges with the following ReLU / residual add into one scheduled elementwise pass.
+- clustered kernels (shared-centroid / filter forms): the codebook is left alone; the
+  kernel's ``out`` stage multiplies by ``scale`` per output channel and the shift joins the
+  bias (``kernels/tvm_compute.with_epilogue``), so it costs no pass of its own either.
 
 This module only finds the pairs and computes the affine maps (NumPy, float64 math, float32
 results); the converters in ``compiler`` apply them.

@@ -15,9 +15,11 @@ Targets
    convs, filter-gather for filter units, a direct dense conv otherwise), its tables
    (codebook, index, scales) passed as Relax constants. An inference batch-norm right after
    a conv is folded (:mod:`kcompile.bn_fold`): into the weights and bias of dense-form
-   convs, as a per-channel scale + shift after a clustered kernel's output (the codebook is
-   never rescaled). Everything else (ReLU, pooling, adds, linear) goes through TVM's own
-   operators (LegalizeOps; dlight on CUDA).
+   convs, as a per-channel scale + shift in a clustered kernel's output stage (the codebook
+   is never rescaled). A residual add and / or ReLU right after a conv is fused into its
+   kernel's output stage too (:mod:`kcompile.epilogue_fusion`). Everything else (pooling,
+   other adds and activations, linear) goes through TVM's own operators (LegalizeOps;
+   dlight on CUDA).
 3. ``tvm.compile`` builds it -- on ``llvm`` with :func:`kcompile.tvm_pipeline.llvm_pipeline`
    (constant folding, operator fusion, parallel + vectorised schedules for the fused
    elementwise / pooling / matmul functions) -- and on ``llvm`` a Relax VM runs it here. ``cuda`` builds with nvcc
@@ -44,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .bn_fold import BN_TARGET, conv_batch_norms
+from .epilogue_fusion import fuse_conv_epilogues
 from .errors import KcompileError, UsageError
 from .layers import ClusteredConv2d, ClusteredLinear, set_submodule
 
@@ -142,28 +145,33 @@ def _stub_model(model: nn.Module) -> tuple[nn.Module, list[int]]:
 
 # ----------------------------------------------------------------------------- relax import
 def _layer_arrays(e: "_ConvEntry", spec, forms: dict | None, bn):
-    """(ConvArrays, epilogue) of one conv: its tables in the chosen form with the
-    batch-norm ``bn`` (a :class:`kcompile.bn_fold.ChannelAffine` or None) folded into dense
-    weights, or returned as the epilogue to apply to a clustered kernel's output."""
+    """ConvArrays of one conv: its tables in the chosen form with the batch-norm ``bn`` (a
+    :class:`kcompile.bn_fold.ChannelAffine` or None) folded into dense weights, or applied
+    by a clustered kernel's ``out`` stage (scale per output channel; the codebook is never
+    touched)."""
     from .kernels.plan import decoded_weight
-    from .kernels.tvm_compute import choose_form, dense_arrays, make_arrays
+    from .kernels.tvm_compute import choose_form, dense_arrays, make_arrays, with_epilogue
 
     groups = spec.geom.groups
     bias = None if e.bias is None else e.bias.detach().cpu().float().numpy()
     if e.cw is None:
         weight = e.weight.numpy().astype(np.float32)
         if bn is None:
-            return dense_arrays(weight, groups, bias), None
-        return dense_arrays(bn.fold_weight(weight), groups, bn.fold_bias(bias)), None
+            return dense_arrays(weight, groups, bias)
+        return dense_arrays(bn.fold_weight(weight), groups, bn.fold_bias(bias))
     form = (forms or {}).get(e.name) or choose_form(e.cw, spec)
     if form == "dense" and bn is not None:
-        return dense_arrays(bn.fold_weight(decoded_weight(e.cw)), groups, bn.fold_bias(bias)), None
-    return make_arrays(e.cw, spec, e.bias, form), bn
+        return dense_arrays(bn.fold_weight(decoded_weight(e.cw)), groups, bn.fold_bias(bias))
+    arrays = make_arrays(e.cw, spec, e.bias, form)
+    return arrays if bn is None else with_epilogue(arrays, bn.scale, bn.shift)
 
 
-def _conv_converter(target_kind: str, threads: int, forms: dict | None, folds: dict | None = None):
+def _conv_converter(target_kind: str, threads: int, forms: dict | None, folds: dict | None = None,
+                    kernels: dict | None = None):
     """The ``custom_convert_map`` entry: kcompile_tvm::conv -> call_tir(scheduled PrimFunc);
-    ``folds`` ({conv node name: ChannelAffine}) are the batch-norms folded into the convs."""
+    ``folds`` ({conv node name: ChannelAffine}) are the batch-norms folded into the convs;
+    ``kernels`` (filled in) maps each kernel's function name to (ConvSpec, ConvArrays,
+    registry entry), for :mod:`kcompile.epilogue_fusion`."""
     from tvm import relax
 
     from .kernels.plan import Geometry
@@ -182,7 +190,7 @@ def _conv_converter(target_kind: str, threads: int, forms: dict | None, folds: d
             O, _, kh, kw = e.weight.shape
         spec = ConvSpec(N, C, H, W, int(O), int(kh), int(kw), geom)
         bn = (folds or {}).get(node.name)
-        arrays, epilogue = _layer_arrays(e, spec, forms, bn)
+        arrays = _layer_arrays(e, spec, forms, bn)
         e.form = arrays.form
         fname = "kc_" + (e.name.replace(".", "_") or "conv") + f"_{arrays.form}"
         lm = layer_module(spec, arrays, target_kind, threads, name=fname)
@@ -190,16 +198,13 @@ def _conv_converter(target_kind: str, threads: int, forms: dict | None, folds: d
         e.info = {"form": arrays.form, "function": fname, "input_shape": (N, C, H, W),
                   "output_shape": spec.out_shape, "tiles": repr(lm.tiles)}
         if bn is not None:
-            e.info["batch_norm"] = "epilogue" if epilogue is not None else "folded"
+            e.info["batch_norm"] = "epilogue" if "oscale" in arrays.arrays else "folded"
         bb = importer.block_builder
         gv = bb.add_func(func, fname)
+        if kernels is not None:
+            kernels[fname] = (spec, arrays, e)
         consts = [relax.const(a) for a in arrays.arrays.values()]
-        y = bb.emit(relax.call_tir(gv, [x, *consts], relax.TensorType(spec.out_shape, "float32")))
-        if epilogue is not None:
-            shape = (1, int(O), 1, 1)
-            y = bb.emit(relax.op.multiply(y, relax.const(epilogue.scale.reshape(shape))))
-            y = bb.emit(relax.op.add(y, relax.const(epilogue.shift.reshape(shape))))
-        return y
+        return bb.emit(relax.call_tir(gv, [x, *consts], relax.TensorType(spec.out_shape, "float32")))
 
     return convert
 
@@ -239,7 +244,8 @@ def relax_module(model: nn.Module, input_shape, target_kind: str = "llvm", threa
         except Exception as ex:  # noqa: BLE001 - that the batch-norms found below are its nodes
             raise KcompileError(f"cannot trace the model for compilation: {str(ex).splitlines()[0]}") from None
         folds = conv_batch_norms(ep, "conv.default", lambda n: _out_channels(_REGISTRY[int(n.args[1])]))
-        convert_map = {"conv.default": _conv_converter(target_kind, threads, forms, folds),
+        kernels: dict = {}
+        convert_map = {"conv.default": _conv_converter(target_kind, threads, forms, folds, kernels),
                        BN_TARGET: _batch_norm_converter(folds)}
         try:
             mod = from_exported_program(ep, custom_convert_map=convert_map, unwrap_unit_return_tuple=True,
@@ -249,6 +255,7 @@ def relax_module(model: nn.Module, input_shape, target_kind: str = "llvm", threa
         except Exception as ex:  # noqa: BLE001 - unsupported operators etc. become one line
             msg = (str(ex).strip().splitlines() or [type(ex).__name__])[0]
             raise KcompileError(f"TVM cannot import the model: {msg}") from None
+        mod = fuse_conv_epilogues(mod, kernels, target_kind, threads)
         report = [{"layer": _REGISTRY[k].name, "clustered": _REGISTRY[k].cw is not None, **_REGISTRY[k].info}
                   for k in keys]
     finally:

@@ -4,7 +4,9 @@
 holds at least one element of x (the pad value is -inf), so both are equal; afterwards the
 ReLU runs on the 4x smaller pooled tensor and FuseOps fuses it into the pool as an
 epilogue, instead of being a full elementwise pass over the stem's (N, 64, 112, 112)
-output on its own (FuseOps does not fuse an elementwise producer into a pool).
+output on its own (FuseOps does not fuse an elementwise producer into a pool). A ReLU right
+after a kcompile conv kernel never reaches this rewrite: it is fused into the kernel first
+(:mod:`kcompile.epilogue_fusion`); this covers ReLUs after other producers.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ recomputed on every call. This pipeline instead:
 1. ``LegalizeOps`` (TVM's operators -> PrimFuncs), ``AnnotateTIROpPattern``;
 2. ``FoldConstant`` + ``DeadCodeElimination`` (weight transposes done once at compile time;
    the unused max-pool index tensor dropped);
-3. ``FuseOps`` + ``FuseTIR``: each batch-norm epilogue / ReLU / residual add chain after a
-   conv becomes one elementwise PrimFunc (the conv kernels are opaque calls, so they are
-   not fused into);
+3. ``FuseOps`` + ``FuseTIR``: chains of elementwise ops become one PrimFunc (the conv
+   kernels are opaque calls and are not fused into here; the batch-norm, residual add and
+   ReLU right after a conv are already in its kernel, see :mod:`kcompile.epilogue_fusion`);
 4. :func:`kcompile.kernels.tvm_model_schedule.schedule_module_pass`: parallel + vectorised
    schedules for those PrimFuncs (the conv kernels keep their own);
 5. TVM's CPU dataflow-lowering and finalisation passes (as in ``tvm.compile``).

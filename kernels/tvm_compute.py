@@ -36,6 +36,11 @@ channels: ``out[n, o, h, w] = dense[n, gather[o], h*Wq + w] + bias[o]``.
 
 ``dense`` (row / scalar units, or when sharing does not pay): decode-then-dense.
 
+Epilogue (every form, :class:`Epilogue` in ``meta["epilogue"]``): the ``out`` stage computes
+``act(conv * oscale[o] + bias[o] + residual[n, o, h, w])`` -- an inference batch-norm's scale
+(its shift folded into ``bias``), a ResNet shortcut and a ReLU applied where the output is
+written, instead of one more elementwise pass over it in the model.
+
 The tables (book, lidx, ...) are built once in NumPy by :func:`shared_arrays` from
 ``kcompile.kernels.plan`` and passed to the compiled function as constant tensors.
 """
@@ -104,6 +109,24 @@ class ConvSpec:
     @property
     def Cg(self) -> int:
         return self.C // self.geom.groups
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What the ``out`` stage applies: ``act(conv * oscale[o] + bias[o] + residual)``.
+
+    scale: an ``oscale`` (O,) table follows ``bias`` in the arrays; residual: the function
+    takes a second input of the output's shape (N, O, Ho, Wo) right after ``x``; relu:
+    ``max(., 0)`` last."""
+
+    scale: bool = False
+    residual: bool = False
+    relu: bool = False
+
+    @property
+    def tag(self) -> str:
+        """Short name for function names / reports ("" when nothing is applied)."""
+        return "_".join(n for n, on in (("bn", self.scale), ("res", self.residual), ("relu", self.relu)) if on)
 
 
 @dataclass(frozen=True)
@@ -193,6 +216,27 @@ def dense_arrays(cw: ClusteredWeight | np.ndarray, groups: int, bias) -> ConvArr
     w = cw if isinstance(cw, np.ndarray) else decoded_weight(cw)
     arrays = {"weight": _f32(w), "bias": _f32(np.zeros(w.shape[0]) if bias is None else _np(bias))}
     return ConvArrays("dense", arrays, {})
+
+
+def with_epilogue(arrays: ConvArrays, scale=None, shift=None, residual: bool | None = None,
+                  relu: bool | None = None) -> ConvArrays:
+    """``arrays`` with an epilogue (see :class:`Epilogue`): ``scale`` / ``shift`` (O,) an
+    affine map per output channel (``bias`` becomes bias * scale + shift and ``oscale`` the
+    scale; composes with an affine map already there), ``residual`` / ``relu`` switched on or
+    off (None: unchanged)."""
+    ep = arrays.meta.get("epilogue") or Epilogue()
+    tables = dict(arrays.arrays)
+    if scale is not None or shift is not None:
+        O = len(tables["bias"])
+        s = np.ones(O) if scale is None else np.asarray(scale, np.float64)
+        t = np.zeros(O) if shift is None else np.asarray(shift, np.float64)
+        tables["bias"] = _f32(tables["bias"].astype(np.float64) * s + t)
+        tables.pop("oscale", None)
+        old = arrays.arrays.get("oscale")
+        tables["oscale"] = _f32(s if old is None else old.astype(np.float64) * s)
+        ep = Epilogue(True, ep.residual, ep.relu)
+    ep = Epilogue(ep.scale, ep.residual if residual is None else bool(residual), ep.relu if relu is None else bool(relu))
+    return ConvArrays(arrays.form, tables, {**arrays.meta, "epilogue": ep})
 
 
 def _np(t) -> np.ndarray:
@@ -342,8 +386,34 @@ def _x(spec: ConvSpec):
     return te.placeholder((spec.N, spec.C, spec.H, spec.W), "float32", name="x")
 
 
+def out_stage(spec: ConvSpec, meta: dict, params: list, conv, bias):
+    """The ``out`` compute (N, O, Ho, Wo) = act(conv(n, o, h, w) * oscale[o] + bias[o] +
+    residual[n, o, h, w]) with the :class:`Epilogue` of ``meta``. Returns (params, out, inputs):
+    params + the ``oscale`` placeholder when scaled, and the extra runtime inputs (the residual
+    placeholder) that follow ``x``."""
+    from tvm import te, tirx
+
+    ep = meta.get("epilogue") or Epilogue()
+    oscale = te.placeholder((spec.O,), "float32", name="oscale") if ep.scale else None
+    res = te.placeholder(spec.out_shape, "float32", name="residual") if ep.residual else None
+
+    def f(n, o, h, w):
+        v = conv(n, o, h, w)
+        if oscale is not None:
+            v = v * oscale[o]
+        v = v + bias[o]
+        if res is not None:
+            v = v + res[n, o, h, w]
+        if ep.relu:
+            v = tirx.max(v, tirx.const(0.0, "float32"))
+        return v
+
+    return params + ([oscale] if oscale is not None else []), te.compute(spec.out_shape, f, name="out"), \
+        ([res] if res is not None else [])
+
+
 def shared_conv(spec: ConvSpec, meta: dict, P: int):
-    """TE graph of the ``shared`` form. Returns (params, out) with params in call order
+    """TE graph of the ``shared`` form. Returns (params, out, inputs) (see :func:`out_stage`) with params in call order
     x, book, zchan, lidx, scale[, dweight, dchan], bias. ``meta["unit_scale"]``: stage 2
     without the (all-one, KSE) scales (the ``scale`` parameter stays in the signature)."""
     from tvm import te
@@ -370,13 +440,13 @@ def shared_conv(spec: ConvSpec, meta: dict, P: int):
         parts.append(dense_conv(xf, dweight, spec, P, chan=dchan))
     params.append(bias)
 
-    def f(n, o, h, w):
-        v = bias[o]
-        for part in parts:
+    def conv(n, o, h, w):
+        v = parts[0][n, o, h * Wq + w] if parts else 0.0
+        for part in parts[1:]:
             v = v + part[n, o, h * Wq + w]
         return v
 
-    return params, te.compute(spec.out_shape, f, name="out")
+    return out_stage(spec, meta, params, conv, bias)
 
 
 def filter_conv(spec: ConvSpec, meta: dict, P: int):
@@ -390,8 +460,7 @@ def filter_conv(spec: ConvSpec, meta: dict, P: int):
     gather = te.placeholder((spec.O,), "int32", name="gather")
     bias = te.placeholder((spec.O,), "float32", name="bias")
     d = dense_conv(flat_input(x, spec, P), weight, spec, P, name="dense")
-    out = te.compute(spec.out_shape, lambda n, o, h, w: d[n, gather[o], h * Wq + w] + bias[o], name="out")
-    return [x, weight, gather, bias], out
+    return out_stage(spec, meta, [x, weight, gather, bias], lambda n, o, h, w: d[n, gather[o], h * Wq + w], bias)
 
 
 def decoded_conv(spec: ConvSpec, meta: dict, P: int):
@@ -403,15 +472,15 @@ def decoded_conv(spec: ConvSpec, meta: dict, P: int):
     weight = te.placeholder((spec.O, spec.Cg, spec.kh, spec.kw), "float32", name="weight")
     bias = te.placeholder((spec.O,), "float32", name="bias")
     d = dense_conv(flat_input(x, spec, P), weight, spec, P, name="dense")
-    out = te.compute(spec.out_shape, lambda n, o, h, w: d[n, o, h * Wq + w] + bias[o], name="out")
-    return [x, weight, bias], out
+    return out_stage(spec, meta, [x, weight, bias], lambda n, o, h, w: d[n, o, h * Wq + w], bias)
 
 
 COMPUTES = {"shared": shared_conv, "filter": filter_conv, "dense": decoded_conv}
 
 
 def prim_func(spec: ConvSpec, arrays: ConvArrays, P: int | None = None, name: str = "main"):
-    """An unscheduled TIR PrimFunc of the layer (params: x, *arrays, out (N, O, Ho, Wo));
+    """An unscheduled TIR PrimFunc of the layer (params: x, [residual (N, O, Ho, Wo) with a
+    residual epilogue], *arrays, out (N, O, Ho, Wo));
     ``P`` is the wide spatial length (default ``spec.wide_len()``; schedules pick a multiple
     of their tile)."""
     from tvm import te
@@ -419,8 +488,8 @@ def prim_func(spec: ConvSpec, arrays: ConvArrays, P: int | None = None, name: st
     P = spec.wide_len() if P is None else P
     if P < spec.wide_len():
         raise ValueError(f"P={P} is shorter than the {spec.wide_len()} wide positions")
-    params, out = COMPUTES[arrays.form](spec, arrays.meta, P)
+    params, out, inputs = COMPUTES[arrays.form](spec, arrays.meta, P)
     names = [p.op.name for p in params[1:]]
     if names != list(arrays.arrays):
         raise AssertionError(f"parameter order {names} != tables {list(arrays.arrays)}")
-    return te.create_prim_func([*params, out]).with_attr("global_symbol", name)
+    return te.create_prim_func([params[0], *inputs, *params[1:], out]).with_attr("global_symbol", name)

@@ -1,0 +1,102 @@
+"""Epilogues in the conv kernels' out stage (kernels/tvm_compute.py ``Epilogue``,
+``with_epilogue``) and their fusion into compiled models (kcompile/epilogue_fusion.py)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+pytest.importorskip("tvm")
+
+import kcompile  # noqa: E402
+from kcompile.compiler import compile_model  # noqa: E402
+from kcompile.kernels.plan import Geometry  # noqa: E402
+from kcompile.kernels.tvm_compute import ConvSpec, Epilogue, dense_arrays, with_epilogue  # noqa: E402
+from test_tvm_pipeline import ResBlockNet, X, _close, _torch  # noqa: E402
+
+
+def _run_layer(spec, arrays, x, *extra):
+    import tvm
+
+    from kcompile.kernels.tvm_schedule import layer_module, make_target
+
+    lm = layer_module(spec, arrays, "llvm", 2)
+    lib = tvm.compile(lm.mod, target=make_target("llvm", 2))
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(spec.out_shape, np.float32), dev)
+    args = [x, *extra, *arrays.arrays.values()]
+    lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in args], out)
+    return out.numpy()
+
+
+def test_with_epilogue_composes_and_keeps_the_tables():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    base = dense_arrays(w, 1, rng.standard_normal(4))
+    s1, t1, s2, t2 = (rng.standard_normal(4) for _ in range(4))
+    a = with_epilogue(with_epilogue(base, s1, t1), s2, t2)
+    np.testing.assert_allclose(a.arrays["oscale"], s1 * s2, rtol=1e-6)
+    np.testing.assert_allclose(a.arrays["bias"], (base.arrays["bias"] * s1 + t1) * s2 + t2, rtol=1e-5, atol=1e-6)
+    assert list(a.arrays) == ["weight", "bias", "oscale"]
+    assert np.array_equal(a.arrays["weight"], base.arrays["weight"])
+    b = with_epilogue(a, residual=True, relu=True)
+    assert b.meta["epilogue"] == Epilogue(scale=True, residual=True, relu=True)
+    assert b.meta["epilogue"].tag == "bn_res_relu"
+    assert with_epilogue(b, relu=False).meta["epilogue"].tag == "bn_res"
+    assert "epilogue" not in base.meta  # the input is not modified
+
+
+@pytest.mark.parametrize("residual,relu", [(False, True), (True, False), (True, True)])
+def test_out_stage_applies_scale_residual_and_relu(residual, relu):
+    rng = np.random.default_rng(1)
+    # padding (top, left, bottom, right)
+    spec = ConvSpec(1, 3, 9, 7, 5, 3, 3, Geometry.make((2, 1), (1, 1, 0, 2), (1, 1), 1))
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(5).astype(np.float32)
+    scale, shift = rng.standard_normal(5), rng.standard_normal(5)
+    arrays = with_epilogue(dense_arrays(w, 1, bias), scale, shift, residual=residual, relu=relu)
+    x = rng.standard_normal((1, 3, 9, 7)).astype(np.float32)
+    res = rng.standard_normal(spec.out_shape).astype(np.float32)
+    got = _run_layer(spec, arrays, x, *([res] if residual else []))
+    conv = torch.nn.functional.conv2d(torch.nn.functional.pad(torch.from_numpy(x), (1, 2, 1, 0)),
+                                      torch.from_numpy(w), torch.from_numpy(bias), stride=(2, 1)).numpy()
+    ref = conv * scale[None, :, None, None] + shift[None, :, None, None] + (res if residual else 0)
+    if relu:
+        ref = np.maximum(ref, 0)
+    _close(got, ref.astype(np.float32))
+
+
+def test_resnet_block_chains_fused_and_exact():
+    torch.manual_seed(0)
+    cm = kcompile.cluster(ResBlockNet().eval(), "kse", q=4, iters=3, skip=["stem", "down"]).eval()
+    run = compile_model(cm, "llvm", X.shape, forms={"c1": "shared", "c2": "shared"})
+    _close(run(X), _torch(cm, X))
+    tags = {r["layer"]: r.get("epilogue") for r in run.layers}
+    # stem: conv-BN-ReLU; c1: BN-ReLU; the add + ReLU after c2 and down goes to the conv
+    # called later (down), c2's output being its residual
+    assert tags == {"stem": "relu", "c1": "bn_relu", "c2": None, "down": "res_relu"}
+    names = {gv.name_hint for gv in run.mod.get_global_vars()}
+    assert {r["function"] for r in run.layers} <= names
+    assert not any(n in names for n in ("kc_stem_dense", "kc_c1_shared", "kc_down_dense"))  # unfused copies dropped
+
+
+class SharedOutputNet(nn.Module):
+    """A conv whose output feeds both a ReLU and an add: nothing can be fused into it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return torch.relu(self.b(torch.relu(y))) + y
+
+
+def test_values_used_twice_are_not_fused():
+    torch.manual_seed(0)
+    model = SharedOutputNet().eval()
+    run = compile_model(model, "llvm", X.shape)
+    _close(run(X), _torch(model, X))
+    tags = {r["layer"]: r.get("epilogue") for r in run.layers}
+    assert tags == {"a": None, "b": "relu"}
