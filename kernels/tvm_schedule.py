@@ -7,8 +7,8 @@ is any run of 16*nv positions, whatever the row length.
 blocking of a GEMM applied to a gather:
 
 - the output is tiled into TL = 16*nv positions; the parallel loop runs over batch x
-  (output-channel groups og, only when there are fewer tiles than threads; z is then
-  recomputed per group) x tiles, never over input channels;
+  (output-channel groups og, only when there are fewer than ``OG_TASKS`` tiles per
+  thread; z is then recomputed per group) x tiles, never over input channels;
 - for each tile, the input channels are processed in chunks of CC whose stage-1 result
   (``z``, CC x q x TL) fits L1 (``ZCHUNK_BYTES``), computed by ``compute_at`` just before
   the chunk is consumed (fused: z never reaches DRAM);
@@ -24,8 +24,8 @@ blocking of a GEMM applied to a gather:
 - tile sizes: :func:`llvm_tiles` minimises :func:`shared_tile_cost` (padding of P, gather
   scalar overhead ~1/nv, accumulator reloads ~2/CC, stage-1 recomputation, balance of the
   parallel tasks over the threads); ``tvm_tune.search_tiles`` can time alternatives;
-- ``xpad`` (flat padded input) and ``out`` (valid columns + bias) are separate parallel,
-  vectorised passes.
+- ``xpad`` (flat padded input) and ``out`` (valid columns + bias, and the layer's epilogue:
+  batch-norm scale, residual add, ReLU) are separate parallel, vectorised passes.
 
 ``llvm``, ``filter`` / ``dense`` forms (and KSE's full channels): a direct conv with OB
 outputs x nv vectors of accumulators (up to ``DIRECT_REGS``), the input vector of a tap
@@ -85,6 +85,13 @@ def _divisors(n: int) -> list[int]:
 GATHER_SCALAR = 0.6
 ACC_RELOAD = 0.5
 STAGE1_NOT3 = 1.3  # stage 1 without a 3-vector register block (see _stage1_block)
+# with fewer than OG_TASKS parallel tasks per thread the output channels are split over the
+# threads too (og > 1; each group recomputes its tile's z). Measured at 2 threads on the
+# resnet18 shapes with at most 3 position tiles (256@14, 512@7 and both stride-2 convs
+# into them): 1.17-1.39x faster than one task per thread, although the split repeats
+# stage 1 -- counted at OG_RECOMPUTE of its operations (its z tile stays in L1)
+OG_TASKS = 2
+OG_RECOMPUTE = 0.5
 
 
 DIRECT_REGS = 24  # direct conv: accumulator vectors (of 32 zmm; the rest: inputs, a weight)
@@ -155,7 +162,7 @@ def shared_tile_cost(spec: ConvSpec, meta: dict, nv: int, threads: int = 2) -> t
     P = spec.wide_len(TL)
     tiles = spec.N * (P // TL)
     OB = next(ob for ob in (4, 2, 1) if spec.Og % ob == 0 and ob * nv <= VEC_BUDGET)
-    og = threads if tiles < threads and (spec.O // OB) % threads == 0 and spec.geom.groups == 1 else 1
+    og = threads if tiles < OG_TASKS * threads and (spec.O // OB) % threads == 0 and spec.geom.groups == 1 else 1
     tasks = tiles * og
     balance = tasks / (threads * -(-tasks // threads))
     CC = _chunk(Ck, q, TL, spec.geom.groups)
@@ -164,7 +171,8 @@ def shared_tile_cost(spec: ConvSpec, meta: dict, nv: int, threads: int = 2) -> t
     # 2/CC accumulator loads + stores per add; below ~4 channels per chunk the store port
     # saturates (measured: q=64 at CC=1 is 2.6x slower than at CC=4)
     reload = ACC_RELOAD * (2 / CC) * (1 + 2 / CC) if CC else 0.0
-    work = s1 * og * (1.0 if nv % 3 == 0 else STAGE1_NOT3) + s2 * (1 + GATHER_SCALAR / nv) * (1 + reload)
+    work = s1 * (1 + OG_RECOMPUTE * (og - 1)) * (1.0 if nv % 3 == 0 else STAGE1_NOT3) \
+        + s2 * (1 + GATHER_SCALAR / nv) * (1 + reload)
     cost = P / spec.wide_len() * work / (s1 + s2) / balance
     return cost, LlvmTiles(og, OB, nv, TL, P, CC)
 
@@ -173,7 +181,8 @@ def llvm_tiles(spec: ConvSpec, meta: dict, threads: int = 2) -> LlvmTiles:
     """Pick tile sizes for ``spec`` (see module doc); deterministic, shape driven: the
     register row length nv (1..8 vectors) minimising :func:`shared_tile_cost`. The z tile
     is one register tile; its channels are processed in chunks of CC whose z fits L1; with
-    fewer tiles than threads the output channels are split too (z recomputed). Direct
+    fewer than ``OG_TASKS`` tiles per thread the output channels are split too (z
+    recomputed). Direct
     convs (``filter`` / ``dense`` forms, no stage 1): :func:`direct_tiles`."""
     if not meta.get("Ck"):
         Oo = spec.geom.groups * meta["n_max"] if "n_max" in meta else spec.O

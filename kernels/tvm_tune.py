@@ -3,9 +3,10 @@
 Two tuners, both returning something :func:`kcompile.kernels.tvm_schedule.layer_module`
 accepts:
 
-- :func:`search_tiles` -- times a handful of tile variants of the *hand-written* llvm
-  schedule (register block OB x nv vectors) on this machine and returns the fastest
-  :class:`~kcompile.kernels.tvm_schedule.LlvmTiles`. Cheap (one build per candidate).
+- :func:`search_tiles` -- times the cost model's best few tile choices of the *hand-written*
+  llvm schedule (register row nv, output block OB, channel chunk CC, output split og) on
+  this machine and returns the fastest :class:`~kcompile.kernels.tvm_schedule.LlvmTiles`.
+  Cheap (one build per candidate); ``compile_model(..., tune=True)`` uses it per layer.
 - :func:`tune_layer` -- hands the *unscheduled* compute to ``tvm.s_tir.meta_schedule``
   (``tune_tir``; trials configurable; ``runner`` may be a ``meta_schedule.runner.RPCRunner``
   for a remote device, default the local runner) and returns the best scheduled IRModule,
@@ -18,12 +19,12 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .tvm_compute import ConvArrays, ConvSpec, prim_func
-from .tvm_schedule import VEC, LlvmTiles, layer_module, llvm_tiles, make_target
+from .tvm_schedule import VEC, LlvmTiles, layer_module, llvm_tiles, make_target, shared_tile_cost
 
 
 @dataclass(frozen=True)
@@ -91,35 +92,29 @@ def tune_layer(spec: ConvSpec, arrays: ConvArrays, config: TuneConfig = TuneConf
     return None if sch is None else sch.mod
 
 
-def _time(fn, args, runs: int) -> float:
-    fn(*args)
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn(*args)
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
-def tile_candidates(spec: ConvSpec, arrays: ConvArrays, threads: int = 2) -> list[LlvmTiles]:
-    """The heuristic tiles plus register-block variants (nv in 2..14, OB*nv <= 16)."""
+def tile_candidates(spec: ConvSpec, arrays: ConvArrays, threads: int = 2, limit: int = 6) -> list[LlvmTiles]:
+    """The heuristic tiles first, then the next best of the cost model
+    (:func:`~kcompile.kernels.tvm_schedule.shared_tile_cost`, nv = 1..8) and their variants
+    with the output channels split over the threads (``og``): at most ``limit`` distinct."""
     base = llvm_tiles(spec, arrays.meta, threads)
+    ranked = sorted((shared_tile_cost(spec, arrays.meta, nv, threads) for nv in range(1, 9)), key=lambda c: c[0])
     out = [base]
-    for nv in (2, 4, 7, 12, 14):
-        OB = next(ob for ob in (8, 4, 2, 1) if spec.Og % ob == 0 and ob * nv <= 16)
-        P = spec.wide_len(VEC * nv)
-        tiles = spec.N * (P // (VEC * nv))
-        og = threads if tiles < threads and (spec.O // OB) % threads == 0 else 1
-        t = LlvmTiles(og, OB, nv, VEC * nv, P)
-        if t not in out:
-            out.append(t)
-    return out
+    for _, t in ranked:
+        variants = [t]
+        if t.og == 1 and spec.geom.groups == 1 and (spec.O // t.OB) % threads == 0:
+            variants.append(replace(t, og=threads))
+        for v in variants:
+            if v not in out:
+                out.append(v)
+    return out[:limit]
 
 
-def search_tiles(spec: ConvSpec, arrays: ConvArrays, threads: int = 2, runs: int = 20,
+def search_tiles(spec: ConvSpec, arrays: ConvArrays, threads: int = 2, runs: int = 10, rounds: int = 7,
                  candidates: list[LlvmTiles] | None = None) -> tuple[LlvmTiles, list[tuple[LlvmTiles, float]]]:
-    """(fastest tiles, [(tiles, median seconds)]) of the hand-written llvm shared schedule,
-    measured here on random inputs."""
+    """(fastest tiles, [(tiles, median seconds per call)]) of the hand-written llvm shared
+    schedule, measured here on random inputs: every candidate is built, then timed in
+    ``rounds`` interleaved rounds of ``runs`` calls (so that a drifting machine load hits all
+    candidates alike); a candidate's time is the median of its rounds."""
     import tvm
 
     if arrays.form != "shared":
@@ -127,12 +122,27 @@ def search_tiles(spec: ConvSpec, arrays: ConvArrays, threads: int = 2, runs: int
     dev = tvm.cpu()
     x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(
         (spec.N, spec.C, spec.H, spec.W)).astype(np.float32), dev)
+    residual = []
+    if (arrays.meta.get("epilogue") is not None) and arrays.meta["epilogue"].residual:
+        residual = [tvm.runtime.tensor(np.zeros(spec.out_shape, np.float32), dev)]
     consts = [tvm.runtime.tensor(a, dev) for a in arrays.arrays.values()]
     out = tvm.runtime.empty(spec.out_shape, "float32", dev)
-    results = []
-    for t in candidates or tile_candidates(spec, arrays, threads):
+    args = [x, *residual, *consts, out]
+    cands = list(candidates or tile_candidates(spec, arrays, threads))
+    fns = []
+    for t in cands:
         lm = layer_module(spec, arrays, "llvm", threads, tiles=t)
-        fn = tvm.compile(lm.mod, target=make_target("llvm", threads))["main"]
-        results.append((t, _time(fn, [x, *consts, out], runs)))
+        fn = tvm.compile(lm.mod, target=make_target("llvm", threads))[lm.name]
+        for _ in range(3):
+            fn(*args)
+        fns.append(fn)
+    per_round = [[] for _ in cands]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(runs):
+                fn(*args)
+            per_round[i].append((time.perf_counter() - t0) / runs)
+    results = [(t, float(np.median(r))) for t, r in zip(cands, per_round)]
     best = min(results, key=lambda r: r[1])[0]
     return best, results
