@@ -7,6 +7,7 @@ dense) is clustered with KSE, q = 8 centroids per input channel. Paths:
   torch-dense        PyTorch (oneDNN) on the decoded dense model
   tvm-llvm-dense     kcompile.compile(dense model, "llvm")
   tvm-llvm           kcompile.compile(clustered model, "llvm")  (shared-centroid TVM kernels)
+  tvm-llvm-tuned     the same with tune=True (tiles measured here; tuning time in build_s)
   numba              kcompile.compile(clustered model, "numba")
   ort-custom         kcompile ONNX + onnxruntime with kcompile's custom ops
   ort-stock          kcompile ONNX in stock onnxruntime (the ops' decode-then-Conv bodies)
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import time
 
-PATHS = ("ort-dense", "torch-dense", "tvm-llvm-dense", "tvm-llvm", "numba", "ort-custom", "ort-stock")
+PATHS = ("ort-dense", "torch-dense", "tvm-llvm-dense", "tvm-llvm", "tvm-llvm-tuned", "numba", "ort-custom", "ort-stock")
 SHAPE = (1, 3, 224, 224)
 
 
@@ -72,11 +73,12 @@ def run_path(name: str, threads: int, runs: int, warmup: int, cache: str) -> dic
         def fn(a):
             with torch.no_grad():
                 return dense(torch.from_numpy(a)).numpy()
-    elif name in ("tvm-llvm", "tvm-llvm-dense", "numba"):
+    elif name in ("tvm-llvm", "tvm-llvm-tuned", "tvm-llvm-dense", "numba"):
         from kcompile.compiler import compile_model
 
         target = "numba" if name == "numba" else "llvm"
-        fn = compile_model(dense if name == "tvm-llvm-dense" else cm, target=target, input_shape=SHAPE, threads=threads)
+        fn = compile_model(dense if name == "tvm-llvm-dense" else cm, target=target, input_shape=SHAPE, threads=threads,
+                           tune=name == "tvm-llvm-tuned")
     else:
         from kcompile.export import export
         from kcompile.ort import onnxruntime_session

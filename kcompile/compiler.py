@@ -166,12 +166,28 @@ def _layer_arrays(e: "_ConvEntry", spec, forms: dict | None, bn):
     return arrays if bn is None else with_epilogue(arrays, bn.scale, bn.shift)
 
 
+def _tiles(spec, arrays, target_kind: str, threads: int, tuned: dict | None):
+    """Tiles of one kernel: None (the schedule's heuristic) unless ``tuned`` (a cache dict,
+    keyed by shape) asks for measured ones: :func:`kcompile.kernels.tvm_tune.search_tiles`
+    on llvm, shared form."""
+    if tuned is None or target_kind != "llvm" or arrays.form != "shared":
+        return None
+    from .kernels.tvm_tune import search_tiles
+
+    m = arrays.meta
+    key = (spec, m["q"], m["Ck"], m["F"], m.get("epilogue"))
+    if key not in tuned:
+        tuned[key] = search_tiles(spec, arrays, threads)[0]
+    return tuned[key]
+
+
 def _conv_converter(target_kind: str, threads: int, forms: dict | None, folds: dict | None = None,
-                    kernels: dict | None = None):
+                    kernels: dict | None = None, tuned: dict | None = None):
     """The ``custom_convert_map`` entry: kcompile_tvm::conv -> call_tir(scheduled PrimFunc);
     ``folds`` ({conv node name: ChannelAffine}) are the batch-norms folded into the convs;
     ``kernels`` (filled in) maps each kernel's function name to (ConvSpec, ConvArrays,
-    registry entry), for :mod:`kcompile.epilogue_fusion`."""
+    registry entry, tiles), for :mod:`kcompile.epilogue_fusion`; ``tuned``: a dict to
+    measure tiles (and cache them by shape) instead of using the heuristic (:func:`_tiles`)."""
     from tvm import relax
 
     from .kernels.plan import Geometry
@@ -193,16 +209,19 @@ def _conv_converter(target_kind: str, threads: int, forms: dict | None, folds: d
         arrays = _layer_arrays(e, spec, forms, bn)
         e.form = arrays.form
         fname = "kc_" + (e.name.replace(".", "_") or "conv") + f"_{arrays.form}"
-        lm = layer_module(spec, arrays, target_kind, threads, name=fname)
+        tiles = _tiles(spec, arrays, target_kind, threads, tuned)
+        lm = layer_module(spec, arrays, target_kind, threads, name=fname, tiles=tiles)
         func = lm.mod[fname].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
         e.info = {"form": arrays.form, "function": fname, "input_shape": (N, C, H, W),
                   "output_shape": spec.out_shape, "tiles": repr(lm.tiles)}
+        if tiles is not None:
+            e.info["tiles_measured"] = True
         if bn is not None:
             e.info["batch_norm"] = "epilogue" if "oscale" in arrays.arrays else "folded"
         bb = importer.block_builder
         gv = bb.add_func(func, fname)
         if kernels is not None:
-            kernels[fname] = (spec, arrays, e)
+            kernels[fname] = (spec, arrays, e, lm.tiles)
         consts = [relax.const(a) for a in arrays.arrays.values()]
         return bb.emit(relax.call_tir(gv, [x, *consts], relax.TensorType(spec.out_shape, "float32")))
 
@@ -227,8 +246,9 @@ def _out_channels(e: "_ConvEntry") -> int:
 
 
 def relax_module(model: nn.Module, input_shape, target_kind: str = "llvm", threads: int = 2,
-                 forms: dict | None = None):
-    """(IRModule, layer report) of ``model`` for ``target_kind`` (see module doc)."""
+                 forms: dict | None = None, tune: bool = False):
+    """(IRModule, layer report) of ``model`` for ``target_kind`` (see module doc); ``tune``:
+    measured tiles for the shared-centroid kernels (llvm)."""
     from tvm.relax.frontend.torch import from_exported_program
 
     stub, keys = _stub_model(model)
@@ -245,7 +265,8 @@ def relax_module(model: nn.Module, input_shape, target_kind: str = "llvm", threa
             raise KcompileError(f"cannot trace the model for compilation: {str(ex).splitlines()[0]}") from None
         folds = conv_batch_norms(ep, "conv.default", lambda n: _out_channels(_REGISTRY[int(n.args[1])]))
         kernels: dict = {}
-        convert_map = {"conv.default": _conv_converter(target_kind, threads, forms, folds, kernels),
+        convert_map = {"conv.default": _conv_converter(target_kind, threads, forms, folds, kernels,
+                                                       {} if tune else None),
                        BN_TARGET: _batch_norm_converter(folds)}
         try:
             mod = from_exported_program(ep, custom_convert_map=convert_map, unwrap_unit_return_tuple=True,
@@ -343,13 +364,16 @@ def _output_shape(model: nn.Module, shape) -> tuple:
 
 
 def compile_model(model: nn.Module, target: str = "llvm", input_shape=None, threads: int = 2,
-                  forms: dict | None = None) -> CompiledModel:
+                  forms: dict | None = None, tune: bool = False) -> CompiledModel:
     """Compile ``model`` (clustered or dense; not modified) for ``target``.
 
     target: ``llvm`` (TVM, this CPU), ``cuda`` (TVM + nvcc; builds without a GPU, cannot run
     here), ``numba`` (clustered layers through :mod:`kcompile.kernels`, the rest in torch).
     input_shape: (N, C, H, W). forms: optional {layer name: "shared"|"filter"|"dense"}
-    overriding the per-layer choice (llvm/cuda). Returns a :class:`CompiledModel`.
+    overriding the per-layer choice (llvm/cuda). tune (llvm): time the cost model's best
+    few tile choices of every shared-centroid kernel on this machine and keep the fastest
+    (:func:`kcompile.kernels.tvm_tune.search_tiles`; a few seconds per distinct layer
+    shape) instead of taking the cost model's first. Returns a :class:`CompiledModel`.
     """
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
@@ -364,7 +388,7 @@ def compile_model(model: nn.Module, target: str = "llvm", input_shape=None, thre
 
     from .kernels.tvm_schedule import make_target
 
-    mod, layers = relax_module(model, shape, target, threads, forms)
+    mod, layers = relax_module(model, shape, target, threads, forms, tune=tune)
     tgt = make_target(target, threads)
     try:
         if target == "llvm":
@@ -419,11 +443,13 @@ def _numba_runner(model: nn.Module):
 
 
 # ----------------------------------------------------------------------------- export
-def export_library(model: nn.Module, path, target: str = "llvm", input_shape=None, threads: int = 2) -> dict:
+def export_library(model: nn.Module, path, target: str = "llvm", input_shape=None, threads: int = 2,
+                   tune: bool = False) -> dict:
     """Write ``path`` (a shared library from ``export_library``; load it with
     ``tvm.runtime.load_module`` and run it with ``tvm.relax.VirtualMachine``, function
     ``main``) and ``<path stem>.json`` next to it ({"target", "input_shape", "output_shape",
-    "entry", "layers"}). Both are written atomically. Returns the JSON record."""
+    "entry", "layers"}). Both are written atomically; ``tune`` as in :func:`compile_model`.
+    Returns the JSON record."""
     if target not in ("llvm", "cuda"):
         raise UsageError(f"export_library needs target llvm or cuda, got {target!r}")
     path = Path(path)
@@ -432,7 +458,7 @@ def export_library(model: nn.Module, path, target: str = "llvm", input_shape=Non
     json_path = path.with_name(path.stem + ".json") if path.suffix != ".json" else path.with_name(path.name + ".meta.json")
     # atomic_path checks the folder before the (slow) build; nothing is left on failure
     with atomic_path(path, suffix=path.suffix or ".so") as tmp, atomic_path(json_path, suffix=".json") as jtmp:
-        cm = compile_model(model, target, input_shape, threads)
+        cm = compile_model(model, target, input_shape, threads, tune=tune)
         meta = {"target": target, "input_shape": list(cm.input_shape), "output_shape": list(cm.output_shape),
                 "dtype": "float32", "entry": "main", "runtime": "tvm.relax.VirtualMachine",
                 "layers": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()} for r in cm.layers]}

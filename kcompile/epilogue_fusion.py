@@ -115,7 +115,8 @@ def _chains(func, kernel_names) -> list[_Chain]:
 
 def fuse_conv_epilogues(mod, kernels: dict, target_kind: str, threads: int):
     """``mod`` with the chains of its ``main`` fused (module doc). ``kernels``: {kernel
-    function name: (ConvSpec, ConvArrays, registry entry)} as filled in by the importer; the
+    function name: (ConvSpec, ConvArrays, registry entry, tiles)} as filled in by the
+    importer (the fused kernel keeps the tiles); the
     entries' ``info`` gets the fused function's name and ``epilogue`` tag."""
     from tvm import relax
 
@@ -131,11 +132,11 @@ def fuse_conv_epilogues(mod, kernels: dict, target_kind: str, threads: int):
     for ch in chains:
         call = ch.call
         gv = call.args[0]
-        spec, arrays, entry = kernels[gv.name_hint]
+        spec, arrays, entry, tiles = kernels[gv.name_hint]
         arrays = with_epilogue(arrays, residual=ch.residual is not None, relu=ch.relu)
         tag = arrays.meta["epilogue"].tag
         name = f"{gv.name_hint}_{tag}"
-        lm = layer_module(spec, arrays, target_kind, threads, name=name)
+        lm = layer_module(spec, arrays, target_kind, threads, name=name, tiles=tiles)
         new_gv = bb.add_func(lm.mod[name].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8), name)
         x, *tables = call.args[1].fields
         args = [x, *([ch.residual] if ch.residual is not None else []), *tables]

@@ -43,14 +43,16 @@ def resolve_input_shape(model: nn.Module, input_shape) -> tuple[int, int, int, i
 
 
 def export(model: nn.Module, path: str | os.PathLike, target: str = "onnx", input_shape=None,
-           onnx_ops: str = "custom", dynamic_batch: bool | None = None, index_bits4: bool = True) -> str:
-    """Write ``model`` for ``target`` to ``path``; returns the path written."""
+           onnx_ops: str = "custom", dynamic_batch: bool | None = None, index_bits4: bool = True,
+           tune: bool = False) -> str:
+    """Write ``model`` for ``target`` to ``path``; returns the path written. ``tune``
+    (llvm): measured kernel tiles, see :func:`kcompile.compiler.compile_model`."""
     if target not in TARGETS:
         raise UsageError(f"unsupported target {target!r}: expected one of {', '.join(TARGETS)}")
     if target != "onnx":
         from .compiler import export_library
 
-        export_library(model, path, target, resolve_input_shape(model, input_shape))
+        export_library(model, path, target, resolve_input_shape(model, input_shape), tune=tune)
         return str(path)
     if onnx_ops not in ONNX_OPS:
         raise UsageError(f"unknown --onnx-ops {onnx_ops!r}: expected custom or portable")

@@ -125,3 +125,10 @@ def test_export_existing_file_replaced_only_on_success(tmp_path, clustered_pth, 
     assert c == 1 and out.read_bytes() == b"old"
     c, o, e = run(["export", str(pth), "--target", "onnx", "-o", str(out), "--input-shape", "1,3,8,8"], capsys)
     assert c == 0 and out.read_bytes() != b"old"
+
+
+def test_export_tune_needs_llvm(tmp_path, clustered_pth, capsys):
+    pth, _ = clustered_pth
+    out = tmp_path / "m.onnx"
+    code, o, e = run(["export", str(pth), "--target", "onnx", "--tune", "-o", str(out)], capsys)
+    assert_clean_failure(code, e, 2, "--tune", tmp_path, out)

@@ -100,3 +100,25 @@ def test_values_used_twice_are_not_fused():
     _close(run(X), _torch(model, X))
     tags = {r["layer"]: r.get("epilogue") for r in run.layers}
     assert tags == {"a": None, "b": "relu"}
+
+
+def test_tuned_compile_measures_tiles_and_fused_kernels_keep_them(monkeypatch):
+    from kcompile.kernels import tvm_tune
+
+    calls = []
+    real = tvm_tune.search_tiles
+
+    def spy(spec, arrays, threads=2, **kw):
+        calls.append(spec)
+        return real(spec, arrays, threads, runs=2, rounds=2)
+
+    monkeypatch.setattr(tvm_tune, "search_tiles", spy)
+    torch.manual_seed(0)
+    cm = kcompile.cluster(ResBlockNet().eval(), "kse", q=4, iters=3, skip=["stem", "down"]).eval()
+    forms = {"c1": "shared", "c2": "shared"}
+    run = compile_model(cm, "llvm", X.shape, forms=forms, tune=True)
+    _close(run(X), _torch(cm, X))
+    measured = {r["layer"] for r in run.layers if r.get("tiles_measured")}
+    assert measured == {"c1", "c2"} and len(calls) == 2  # dense-form convs keep the heuristic
+    plain = compile_model(cm, "llvm", X.shape, forms=forms)
+    assert not any(r.get("tiles_measured") for r in plain.layers)
