@@ -11,6 +11,12 @@ Usage::
 
     TVM_NUM_THREADS=2 python benchmarks/tvm_layers.py [--runs 50] [--warmup 10] \
         [--json benchmarks/results/tvm_layers.json] [--only 256@14] [--q 8 | --q O/4]
+        [--case c|d]
+
+``--case`` takes the issue's other clusterings from ``layer_suite.py`` instead of KSE:
+``c`` Son K=256 with one codebook over the seven layers, ``d`` filter unit, select=fixed,
+ratio=0.25; the op-count bound is then ``cw.conv_macs``' dense / shared ratio, and the form is
+the one ``tvm_compute.choose_form`` picks.
 """
 
 from __future__ import annotations
@@ -84,13 +90,15 @@ def stats(ts: list[float]) -> dict:
     return {"median_ms": float(np.median(a)), "min_ms": float(a.min()), "max_ms": float(a.max()), "runs": len(a)}
 
 
-def bench_layer(name, C, O, H, stride, runs, warmup, threads=2, q: str = "8") -> dict:
+def bench_layer(name, C, O, H, stride, runs, warmup, threads=2, q: str = "8", cw=None) -> dict:
+    """One layer: KSE with ``q`` centroids per channel, or the given clustered weight ``cw``."""
     import tvm
 
     from kcompile.kernels.tvm_schedule import CompiledConv
 
-    layer = clustered_layer(C, O, stride, q=O // 4 if q == "O/4" else int(q))
-    cw = layer.clustered_weight().detached()
+    method = cw.method if cw is not None else "kse"
+    if cw is None:
+        cw = clustered_layer(C, O, stride, q=O // 4 if q == "O/4" else int(q)).clustered_weight().detached()
     x = np.random.default_rng(0).standard_normal((1, C, H, H)).astype(np.float32)
     t0 = time.perf_counter()
     conv = CompiledConv(cw, None, stride, 1, 1, 1, x.shape, target="llvm", threads=threads)
@@ -113,14 +121,19 @@ def bench_layer(name, C, O, H, stride, runs, warmup, threads=2, q: str = "8") ->
     hw = Ho * Ho
     q_req = q
     q = conv.arrays.meta.get("q", 0)
-    dense_macs = O * C * 9 * hw
-    shared_ops = C * q * 9 * hw + O * C * hw
+    if method == "kse":
+        dense_macs = O * C * 9 * hw
+        shared_ops = C * q * 9 * hw + O * C * hw
+    else:
+        ops = cw.conv_macs((Ho, Ho), 1)
+        dense_macs, shared_ops = ops["dense"], ops["shared"]
     k, d = stats(tk), stats(td)
     return {
         "model": "resnet18", "layer": name, "backend": "tvm-llvm", "batch": 1, "threads": threads,
         **k, "dense_median_ms": d["median_ms"], "dense_min_ms": d["min_ms"], "dense_max_ms": d["max_ms"],
         "speedup_median": d["median_ms"] / k["median_ms"], "speedup_min": d["min_ms"] / k["min_ms"],
-        "op_count_bound": dense_macs / shared_ops, "method": "kse", "q": q, "q_requested": q_req,
+        "op_count_bound": dense_macs / shared_ops, "method": method, "q": q,
+        "q_requested": q_req if method == "kse" else None,
         "form": conv.form,
         "tiles": repr(conv.tiles), "rel_err": err, "build_s": build_s,
         "shape": {"C": C, "O": O, "H": H, "stride": stride},
@@ -187,6 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--suite", default="layers", choices=["layers", "models"])
     ap.add_argument("--threads", type=int, default=2, help="torch threads (set TVM_NUM_THREADS to match)")
     ap.add_argument("--q", default="8", help="KSE centroids per input channel: a number or O/4 (layers suite)")
+    ap.add_argument("--case", default=None, choices=["c", "d"],
+                    help="layer_suite.py's case c (son K=256 network) or d (filter ratio 0.25) instead of KSE")
     a = ap.parse_args(argv)
     if os.environ.get("TVM_NUM_THREADS") != str(a.threads):
         raise SystemExit(f"set TVM_NUM_THREADS={a.threads} before starting (TVM reads it once)")
@@ -198,14 +213,21 @@ def main(argv=None) -> int:
         records = bench_models(a.runs, a.warmup, a.threads)
         for r in records:
             print(r, flush=True)
+    weights = {}
+    if a.case:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from layer_suite import clustered_weights
+
+        weights = clustered_weights(a.case, iters=10)
     for name, C, O, H, s in (SHAPES if a.suite == "layers" else []):
         if only and name not in only:
             continue
-        r = bench_layer(name, C, O, H, s, a.runs, a.warmup, a.threads, a.q)
+        cw = weights[(C, O, H, s)][0] if a.case else None
+        r = bench_layer(name, C, O, H, s, a.runs, a.warmup, a.threads, a.q, cw=cw)
         records.append(r)
         print(f"{name:>15}  tvm {r['median_ms']:7.3f} ms (min {r['min_ms']:.3f})  dense {r['dense_median_ms']:7.3f} ms "
               f"(min {r['dense_min_ms']:.3f})  x{r['speedup_median']:.2f} (min/min x{r['speedup_min']:.2f})  "
-              f"bound x{r['op_count_bound']:.2f}  err {r['rel_err']:.1e}", flush=True)
+              f"bound x{r['op_count_bound']:.2f}  {r['form']}  err {r['rel_err']:.1e}", flush=True)
     info["loadavg_end"] = os.getloadavg()
     doc = {"command": f"TVM_NUM_THREADS={a.threads} python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
            "machine": info, "records": records}
