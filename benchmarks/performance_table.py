@@ -78,6 +78,14 @@ def model_table() -> list[str]:
             continue
         sp = statistics.median(r["speedup_vs_ort_dense_per_round"]) if base else float("nan")
         lines.append(f"| {r['backend']} | {r['median_ms']:.2f} | {sp:.2f}x | {r['peak_rss_mb']:.0f} | {r['rel_err']:.1e} |")
+    one = _load("resnet18_model_1thread.json")
+    if one:
+        recs = {r["backend"]: r for r in one["records"] if "median_ms" in r}
+        if "tvm-llvm" in recs and "ort-dense" in recs:
+            lines += ["", f"The same at 1 thread (`{one['command']}`): tvm-llvm {recs['tvm-llvm']['median_ms']:.2f} ms, "
+                      f"onnxruntime dense {recs['ort-dense']['median_ms']:.2f} ms, "
+                      f"{statistics.median(recs['tvm-llvm']['speedup_vs_ort_dense_per_round']):.2f}x (median of "
+                      f"{len(recs['tvm-llvm']['speedup_vs_ort_dense_per_round'])} per-round ratios)."]
     return lines
 
 
