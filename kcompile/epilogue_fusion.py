@@ -114,10 +114,11 @@ def _chains(func, kernel_names) -> list[_Chain]:
 
 
 def fuse_conv_epilogues(mod, kernels: dict, target_kind: str, threads: int):
-    """``mod`` with the chains of its ``main`` fused (module doc). ``kernels``: {kernel
-    function name: (ConvSpec, ConvArrays, registry entry, tiles)} as filled in by the
-    importer (the fused kernel keeps the tiles); the
-    entries' ``info`` gets the fused function's name and ``epilogue`` tag."""
+    """``mod`` with the chains of its ``main`` fused (module doc).
+
+    ``kernels``: {kernel function name: (ConvSpec, ConvArrays, registry entry, tiles)} as
+    filled in by the importer; a fused kernel keeps its layer's tiles, and the entry's
+    ``info`` gets the fused function's name and the ``epilogue`` tag."""
     from tvm import relax
 
     from .kernels.tvm_compute import with_epilogue
