@@ -120,7 +120,7 @@ def run_ours(X: torch.Tensor, k: int, iters: int, seed: int, threads: int, init_
 NOTES = """
 Notes (kcompile side, 2 threads, quiet machine): k-means++ takes about 0.35 s on its default
 sample of 65,536 points (1.8 s on all 1.2 M points) and the 50 Lloyd iterations about 5.2 s.
-Seeding on a uniform sample is scikit-learn's own `init_size` of MiniBatchKMeans; the table
+Seeding on a uniform sample is the idea of scikit-learn MiniBatchKMeans' `init_size`; the table
 gives the final inertia with it and without it (`init_size="all"`). Each check of a point costs
 one float32 matmul row (256 distances, inner dimension 11, ~35 ns) and one vectorised minimum
 (~16 ns); MKL runs that matmul near one

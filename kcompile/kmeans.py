@@ -15,7 +15,8 @@ Algorithm
   centroids whether it is solved alone or inside a batch.
 * Large problems are seeded on a sample: k-means++ sees ``init_size`` points drawn uniformly
   (seeded) from the valid points, by default max(65,536, 256 k); problems with fewer valid
-  points use all of them. This is scikit-learn's ``init_size`` of MiniBatchKMeans: k-means++
+  points use all of them (the idea of scikit-learn MiniBatchKMeans' ``init_size``; the size
+  rule is kcompile's): k-means++
   is k sequential passes over the points it sees, and on ResNet-18's 1.2 M kernels with
   k = 256 the sample cuts seeding from ~1.8 s to ~0.3 s while the inertia after Lloyd stays
   within 0.02 % (benchmarks/results/kmeans_vs_sklearn.md). ``init_size="all"`` seeds on
