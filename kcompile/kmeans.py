@@ -16,11 +16,10 @@ Algorithm
 * Large problems are seeded on a sample: k-means++ sees ``init_size`` points drawn uniformly
   (seeded) from the valid points, by default max(65,536, 256 k); problems with fewer valid
   points use all of them (the idea of scikit-learn MiniBatchKMeans' ``init_size``; the size
-  rule is kcompile's): k-means++
-  is k sequential passes over the points it sees, and on ResNet-18's 1.2 M kernels with
-  k = 256 the sample cuts seeding from ~1.8 s to ~0.3 s while the inertia after Lloyd stays
-  within 0.02 % (benchmarks/results/kmeans_vs_sklearn.md). ``init_size="all"`` seeds on
-  every point.
+  rule is kcompile's). k-means++ is k sequential passes over the points it sees; on
+  ResNet-18's 1.2 M kernels with k = 256 the sample cuts seeding from ~1.8 s to ~0.3 s while
+  the inertia after Lloyd stays within 0.02 % (benchmarks/results/kmeans_vs_sklearn.md).
+  ``init_size="all"`` seeds on every point.
 * Lloyd iterations (scikit-learn's "lloyd"): assign every point to its nearest centroid,
   then move every centroid to the mean of its points. Computed exactly, but Hamerly's
   bounds (one upper and one lower bound per point) skip the points whose centroid provably
