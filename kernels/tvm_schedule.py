@@ -95,16 +95,23 @@ OG_RECOMPUTE = 0.5
 
 
 DIRECT_REGS = 24  # direct conv: accumulator vectors (of 32 zmm; the rest: inputs, a weight)
+# strided direct convs take at most 4 outputs per register block: every stride-2 shape measured
+# (resnet18's 3x3 s2 convs dense and with O/4 filters, the 7x7 stem, 1x1 s2 downsamples; 2
+# threads, interleaved rounds) ran 1.17-1.46x slower with 8 outputs x nv vectors than with
+# 4 x nv, and no 4-output block lost to an 8-output one
+DIRECT_OB_STRIDED = (4, 3, 2, 1)
 
 
 def direct_tiles(spec: ConvSpec, Oo: int, threads: int = 2) -> LlvmTiles:
     """Register block of a direct conv with Oo outputs (``filter`` / ``dense`` forms): OB
     outputs x nv vectors, per tap nv input loads + OB weight broadcasts feed OB*nv FMAs;
-    minimises (padding of P) x (loads per FMA) / (balance of the parallel tasks)."""
+    minimises (padding of P) x (loads per FMA) / (balance of the parallel tasks); OB <= 4
+    for strided convs (``DIRECT_OB_STRIDED``)."""
     Og = Oo // spec.geom.groups
     base = spec.wide_len()
     best = None
-    for OB in (8, 6, 4, 3, 2, 1):
+    strided = max(spec.geom.stride) > 1
+    for OB in DIRECT_OB_STRIDED if strided else (8, 6, 4, 3, 2, 1):
         if Og % OB:
             continue
         for nv in range(1, DIRECT_REGS // OB + 1):
