@@ -224,6 +224,14 @@ def _register_optional_commands() -> None:
             cli.add_command(command)
 
 
+def _leave_process_group() -> None:
+    """Under torchrun: every rank leaves the group together once the command succeeded."""
+    if "torch.distributed" in sys.modules:
+        from .distributed import finish
+
+        finish()
+
+
 def main(argv=None) -> None:
     """Entry point: runs the CLI and turns every error into one line and an exit code."""
     import warnings
@@ -237,6 +245,7 @@ def main(argv=None) -> None:
     try:
         _register_optional_commands()
         rv = cli.main(args=argv, prog_name="kcompile", standalone_mode=False)
+        _leave_process_group()
         sys.exit(rv if isinstance(rv, int) else 0)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
