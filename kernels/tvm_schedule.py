@@ -1,16 +1,17 @@
 """Hand-written TIR schedules (how) for the computes of ``tvm_compute`` (what).
 
 All computes work on the wide flat spatial axis p (see ``tvm_compute``), so a register tile
-is any run of 16*nv positions, whatever the row length.
+is any run of lanes*nv positions, whatever the row length.
 
-``llvm`` (x86 AVX-512; AVX2 gets the same code legalised to ymm), ``shared`` form -- the
-blocking of a GEMM applied to a gather:
+``llvm`` (x86; vector width, register count and L1d size from :mod:`.cpu_isa`, so that a
+register block sized for AVX-512's 32 zmm does not spill on AVX2's 16 ymm), ``shared``
+form -- the blocking of a GEMM applied to a gather:
 
-- the output is tiled into TL = 16*nv positions; the parallel loop runs over batch x
+- the output is tiled into TL = lanes*nv positions (lanes: 16 AVX-512, 8 AVX2); the parallel loop runs over batch x
   (output-channel groups og, only when there are fewer than ``OG_TASKS`` tiles per
   thread; z is then recomputed per group) x tiles, never over input channels;
 - for each tile, the input channels are processed in chunks of CC whose stage-1 result
-  (``z``, CC x q x TL) fits L1 (``ZCHUNK_BYTES``), computed by ``compute_at`` just before
+  (``z``, CC x q x TL) fits L1 (``ZCHUNK_L1_SHARE``), computed by ``compute_at`` just before
   the chunk is consumed (fused: z never reaches DRAM);
 - stage 2 for a chunk: OB outputs x nv vectors of accumulators in registers across the
   chunk's channels (loaded / stored once per chunk from the tile's acc rows), one z vector
@@ -28,7 +29,7 @@ blocking of a GEMM applied to a gather:
   batch-norm scale, residual add, ReLU) are separate parallel, vectorised passes.
 
 ``llvm``, ``filter`` / ``dense`` forms (and KSE's full channels): a direct conv with OB
-outputs x nv vectors of accumulators (up to ``DIRECT_REGS``), the input vector of a tap
+outputs x nv vectors of accumulators (up to ``DIRECT_REG_SHARE`` of the registers), the input vector of a tap
 shared by the OB outputs, the weight broadcast shared by the nv vectors
 (:func:`direct_tiles`).
 
@@ -42,10 +43,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .cpu_isa import VectorIsa, host_isa
 from .tvm_compute import ConvArrays, ConvSpec
 
-VEC_BUDGET = 16          # accumulator vectors kept in registers (AVX-512: 32 zmm)
-ZCHUNK_BYTES = 32 << 10  # z chunk (CC channels x q x TL) budget: L1d is 48 KB per core
+# register and cache budgets are fractions of the host's (``cpu_isa``; measured on AVX-512:
+# 16 of 32 zmm for the shared form's accumulators, 24 for a direct conv's, a z chunk of
+# 32 KB of the 48 KB L1d)
+ACC_REG_SHARE = 0.5     # accumulator vectors of the shared form's gather
+DIRECT_REG_SHARE = 0.75  # accumulator vectors of a direct conv (the rest: inputs, a weight)
+ZCHUNK_L1_SHARE = 2 / 3  # z chunk (CC channels x q x TL floats) per L1d
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class LlvmTiles:
     """Tile sizes of the llvm schedules (positions are on the wide flat axis p):
 
     og: output-channel groups in the parallel loop; OB: outputs per register block;
-    nv: 16-float vectors per register block (TL = 16*nv positions); ZT: positions per z
+    nv: vectors per register block (TL = vec*nv positions); ZT: positions per z
     tile (a multiple of TL); P: the padded wide length (a multiple of ZT)."""
 
     og: int
@@ -62,15 +68,13 @@ class LlvmTiles:
     ZT: int
     P: int
     CC: int = 0  # input channels per z chunk (0: all channels at once)
-    zv: int = 0  # stage 1: 16-float position vectors per register block (0: auto)
+    zv: int = 0  # stage 1: position vectors per register block (0: auto)
     zj: int = 0  # stage 1: centroids per register block (0: auto)
+    vec: int = 16  # float lanes per vector (the ISA's: 16 AVX-512, 8 AVX2)
 
     @property
     def TL(self) -> int:
-        return VEC * self.nv
-
-
-VEC = 16  # floats per AVX-512 vector
+        return self.vec * self.nv
 
 
 def _divisors(n: int) -> list[int]:
@@ -94,7 +98,6 @@ OG_TASKS = 2
 OG_RECOMPUTE = 0.5
 
 
-DIRECT_REGS = 24  # direct conv: accumulator vectors (of 32 zmm; the rest: inputs, a weight)
 # strided direct convs take at most 4 outputs per register block: every stride-2 shape measured
 # (resnet18's 3x3 s2 convs dense and with O/4 filters, the 7x7 stem, 1x1 s2 downsamples; 2
 # threads, interleaved rounds) ran 1.17-1.46x slower with 8 outputs x nv vectors than with
@@ -102,11 +105,14 @@ DIRECT_REGS = 24  # direct conv: accumulator vectors (of 32 zmm; the rest: input
 DIRECT_OB_STRIDED = (4, 3, 2, 1)
 
 
-def direct_tiles(spec: ConvSpec, Oo: int, threads: int = 2) -> LlvmTiles:
+def direct_tiles(spec: ConvSpec, Oo: int, threads: int = 2, isa: VectorIsa | None = None) -> LlvmTiles:
     """Register block of a direct conv with Oo outputs (``filter`` / ``dense`` forms): OB
     outputs x nv vectors, per tap nv input loads + OB weight broadcasts feed OB*nv FMAs;
     minimises (padding of P) x (loads per FMA) / (balance of the parallel tasks); OB <= 4
-    for strided convs (``DIRECT_OB_STRIDED``)."""
+    for strided convs (``DIRECT_OB_STRIDED``); at most ``DIRECT_REG_SHARE`` of the ISA's
+    registers hold accumulators."""
+    isa = isa or host_isa()
+    VEC, regs = isa.lanes, int(isa.regs * DIRECT_REG_SHARE)
     Og = Oo // spec.geom.groups
     base = spec.wide_len()
     best = None
@@ -114,15 +120,17 @@ def direct_tiles(spec: ConvSpec, Oo: int, threads: int = 2) -> LlvmTiles:
     for OB in DIRECT_OB_STRIDED if strided else (8, 6, 4, 3, 2, 1):
         if Og % OB:
             continue
-        for nv in range(1, DIRECT_REGS // OB + 1):
+        for nv in range(1, regs // OB + 1):
             P = spec.wide_len(VEC * nv)
             tasks = spec.N * (Oo // OB) * (P // (VEC * nv))
             balance = tasks / (threads * -(-tasks // threads))
             score = P / base * (1 + 0.5 * (nv + OB) / (OB * nv)) / balance
             if best is None or score < best[0] - 1e-9:
                 best = (score, OB, nv, P)
+    if best is None:  # no OB divides Og (cannot happen: 1 does)
+        raise AssertionError("no register block")
     _, OB, nv, P = best
-    return LlvmTiles(1, OB, nv, VEC * nv, P)
+    return LlvmTiles(1, OB, nv, VEC * nv, P, vec=VEC)
 
 
 STAGE1_CHAINS = 6  # stage 1: independent accumulators wanted (9-FMA chains, 4-cycle latency)
@@ -136,7 +144,7 @@ def _stage1_block(nzv: int, q: int, tl: LlvmTiles) -> tuple[int, int]:
     centroids giving ``STAGE1_CHAINS`` accumulators. The block must stay a stack alloca
     (< 1 KB) -- larger buffers become heap workspaces and every FMA goes through memory."""
     def fits(zv, zj):
-        return zv * zj * VEC * 4 < 1024
+        return zv * zj * tl.vec * 4 < 1024
 
     if not tl.zv and nzv % 3 == 0:
         zv = 3  # 27 tap vectors stay in registers across the centroids (measured best)
@@ -150,29 +158,35 @@ def _stage1_block(nzv: int, q: int, tl: LlvmTiles) -> tuple[int, int]:
     return zv, zj
 
 
-def _chunk(Ck: int, q: int, TL: int, groups: int) -> int:
-    """Input channels per z chunk: the most whose z (CC x q x TL floats) fits
-    ``ZCHUNK_BYTES`` (0: all channels fit, or grouped convs: no chunking)."""
+def _chunk(Ck: int, q: int, TL: int, groups: int, zbytes: int) -> int:
+    """Input channels per z chunk: the most whose z (CC x q x TL floats) fits ``zbytes``
+    (0: all channels fit, or grouped convs: no chunking)."""
     if groups != 1 or Ck <= 1:
         return 0
-    fit = [d for d in _divisors(Ck) if d * q * TL * 4 <= ZCHUNK_BYTES]
+    fit = [d for d in _divisors(Ck) if d * q * TL * 4 <= zbytes]
     return fit[-1] if fit and fit[-1] < Ck else (0 if fit else 1)
 
 
-def shared_tile_cost(spec: ConvSpec, meta: dict, nv: int, threads: int = 2) -> tuple[float, LlvmTiles]:
+def shared_tile_cost(spec: ConvSpec, meta: dict, nv: int, threads: int = 2,
+                     isa: VectorIsa | None = None) -> tuple[float, LlvmTiles]:
     """(relative cost, tiles) of the shared schedule with nv vectors per register row: the
     padding of P, stage 1 (recomputed per output group og), the gather overheads (see
-    ``GATHER_SCALAR`` / ``ACC_RELOAD``) and the balance of the parallel tasks over threads."""
+    ``GATHER_SCALAR`` / ``ACC_RELOAD``) and the balance of the parallel tasks over threads.
+    nv must be at most the accumulator budget (``ACC_REG_SHARE`` of the ISA's registers)."""
+    isa = isa or host_isa()
+    budget = int(isa.regs * ACC_REG_SHARE)
+    if not 1 <= nv <= budget:
+        raise ValueError(f"nv={nv} outside 1..{budget} accumulator vectors")
     Ck, q = max(meta.get("Ck", 1), 1), max(meta.get("q", 1), 1)
     Cz = spec.geom.groups * Ck
-    TL = VEC * nv
+    TL = isa.lanes * nv
     P = spec.wide_len(TL)
     tiles = spec.N * (P // TL)
-    OB = next(ob for ob in (4, 2, 1) if spec.Og % ob == 0 and ob * nv <= VEC_BUDGET)
+    OB = next(ob for ob in (4, 2, 1) if spec.Og % ob == 0 and ob * nv <= budget)
     og = threads if tiles < OG_TASKS * threads and (spec.O // OB) % threads == 0 and spec.geom.groups == 1 else 1
     tasks = tiles * og
     balance = tasks / (threads * -(-tasks // threads))
-    CC = _chunk(Ck, q, TL, spec.geom.groups)
+    CC = _chunk(Ck, q, TL, spec.geom.groups, int(isa.l1d * ZCHUNK_L1_SHARE))
     s1 = Cz * q * spec.kh * spec.kw
     s2 = spec.O * Ck
     # 2/CC accumulator loads + stores per add; below ~4 channels per chunk the store port
@@ -181,20 +195,28 @@ def shared_tile_cost(spec: ConvSpec, meta: dict, nv: int, threads: int = 2) -> t
     work = s1 * (1 + OG_RECOMPUTE * (og - 1)) * (1.0 if nv % 3 == 0 else STAGE1_NOT3) \
         + s2 * (1 + GATHER_SCALAR / nv) * (1 + reload)
     cost = P / spec.wide_len() * work / (s1 + s2) / balance
-    return cost, LlvmTiles(og, OB, nv, TL, P, CC)
+    return cost, LlvmTiles(og, OB, nv, TL, P, CC, vec=isa.lanes)
 
 
-def llvm_tiles(spec: ConvSpec, meta: dict, threads: int = 2) -> LlvmTiles:
+def nv_range(isa: VectorIsa | None = None) -> range:
+    """Register row lengths (vectors) the shared schedule considers: 1..8 within the
+    accumulator budget."""
+    isa = isa or host_isa()
+    return range(1, min(8, int(isa.regs * ACC_REG_SHARE)) + 1)
+
+
+def llvm_tiles(spec: ConvSpec, meta: dict, threads: int = 2, isa: VectorIsa | None = None) -> LlvmTiles:
     """Pick tile sizes for ``spec`` (see module doc); deterministic, shape driven: the
     register row length nv (1..8 vectors) minimising :func:`shared_tile_cost`. The z tile
     is one register tile; its channels are processed in chunks of CC whose z fits L1; with
     fewer than ``OG_TASKS`` tiles per thread the output channels are split too (z
     recomputed). Direct
     convs (``filter`` / ``dense`` forms, no stage 1): :func:`direct_tiles`."""
+    isa = isa or host_isa()
     if not meta.get("Ck"):
         Oo = spec.geom.groups * meta["n_max"] if "n_max" in meta else spec.O
-        return direct_tiles(spec, Oo, threads)
-    cands = [shared_tile_cost(spec, meta, nv, threads) for nv in range(1, 9)]
+        return direct_tiles(spec, Oo, threads, isa)
+    cands = [shared_tile_cost(spec, meta, nv, threads, isa) for nv in nv_range(isa)]
     return min(cands, key=lambda c: c[0] - 1e-9 * c[1].nv)[1]
 
 
@@ -248,6 +270,7 @@ def schedule_shared_llvm(sch, spec: ConvSpec, meta: dict, tl: LlvmTiles) -> None
         acc = sch.get_sblock("acc")
         n, o, p, t = sch.get_loops(acc)
         og, oo, oi = sch.split(o, [tl.og, None, tl.OB])
+        VEC = tl.vec
         zt, pt, pv, pl = sch.split(p, [None, tl.ZT // tl.TL, tl.nv, VEC])
         chunked = 0 < tl.CC < meta["Ck"] and spec.geom.groups == 1
         if chunked:
@@ -310,7 +333,7 @@ def _schedule_direct_block(sch, spec: ConvSpec, name: str, tl: LlvmTiles) -> Non
     Oo = sch.get(o).extent.value
     OB = next(ob for ob in (tl.OB, 4, 2, 1) if Oo % ob == 0)
     oo, oi = sch.split(o, [None, OB])
-    pt, pv, pl = sch.split(p, [None, tl.nv, VEC])
+    pt, pv, pl = sch.split(p, [None, tl.nv, tl.vec])
     sch.reorder(n, oo, pt, f, r, s_, oi, pv, pl)
     sch.parallel(sch.fuse(n, oo, pt))
     sch.vectorize(pl)

@@ -24,7 +24,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .tvm_compute import ConvArrays, ConvSpec, prim_func
-from .tvm_schedule import VEC, LlvmTiles, layer_module, llvm_tiles, make_target, shared_tile_cost
+from .cpu_isa import host_isa
+from .tvm_schedule import LlvmTiles, layer_module, llvm_tiles, make_target, nv_range, shared_tile_cost
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def tune_layer(spec: ConvSpec, arrays: ConvArrays, config: TuneConfig = TuneConf
         raise KcompileError("meta_schedule tuning is unavailable: this TVM build crashes serialising IR "
                             "(tvm.ir.save_json); use search_tiles or the default schedule")
 
-    func = prim_func(spec, arrays, spec.wide_len(VEC))
+    func = prim_func(spec, arrays, spec.wide_len(host_isa().lanes))
     mod = tvm.IRModule({"main": func})
     target = make_target(config.target, config.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,10 +95,10 @@ def tune_layer(spec: ConvSpec, arrays: ConvArrays, config: TuneConfig = TuneConf
 
 def tile_candidates(spec: ConvSpec, arrays: ConvArrays, threads: int = 2, limit: int = 6) -> list[LlvmTiles]:
     """The heuristic tiles first, then the next best of the cost model
-    (:func:`~kcompile.kernels.tvm_schedule.shared_tile_cost`, nv = 1..8) and their variants
+    (:func:`~kcompile.kernels.tvm_schedule.shared_tile_cost`, every nv of ``nv_range``) and their variants
     with the output channels split over the threads (``og``): at most ``limit`` distinct."""
     base = llvm_tiles(spec, arrays.meta, threads)
-    ranked = sorted((shared_tile_cost(spec, arrays.meta, nv, threads) for nv in range(1, 9)), key=lambda c: c[0])
+    ranked = sorted((shared_tile_cost(spec, arrays.meta, nv, threads) for nv in nv_range()), key=lambda c: c[0])
     out = [base]
     for _, t in ranked:
         variants = [t]

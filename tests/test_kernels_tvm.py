@@ -215,3 +215,28 @@ def test_meta_schedule_tuning_runs_or_says_why():
         assert not tt.ir_serialization_works(), e
         return
     assert mod is None or "main" in [gv.name_hint for gv in mod.get_global_vars()]
+
+
+@pytest.mark.parametrize("isa_name", ["avx512", "avx2", "sse"])
+def test_tiles_of_every_isa_compute_the_same(isa_name):
+    """Tiles sized for another vector ISA (the code still targets this host) give the same
+    result: the schedules depend on the tiles' lane count, not on a constant."""
+    from kcompile.kernels.cpu_isa import KNOWN
+
+    isa = KNOWN[isa_name]
+    rng = np.random.default_rng(1)
+    O = C = 16
+    q = 4
+    books = torch.from_numpy(rng.standard_normal((C * q, 9)).astype(np.float32))
+    index = torch.from_numpy(rng.integers(0, q, (O, C)).astype(np.uint8))
+    from kcompile.ir import ClusteredWeight
+
+    cw = ClusteredWeight("kernel", (O, C, 3, 3), books, index, method="kse", offset=torch.arange(C) * q)
+    x, bias = data(5, 1, C, 13, 13, O)
+    for stride, form in [(1, "shared"), (2, "shared"), (1, "dense")]:
+        probe = ts.CompiledConv(cw, bias, stride, 1, 1, 1, x.shape, target="llvm", form=form)
+        tiles = ts.llvm_tiles(probe.spec, probe.arrays.meta, 2, isa)
+        assert tiles.vec == isa.lanes
+        conv = ts.CompiledConv(cw, bias, stride, 1, 1, 1, x.shape, target="llvm", form=form, tiles=tiles)
+        ref = torch_ref(x, cw, bias, stride, 1, 1, 1)
+        assert np.abs(conv(x) - ref).max() <= 1e-4 * max(float(np.ptp(ref)), 1e-3)
