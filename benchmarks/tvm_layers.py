@@ -4,13 +4,14 @@ resnet18's 3x3 conv shapes (batch 1), clustered with KSE at q = 8 centroids per 
 channel (``kcompile.cluster(..., "kse", q=8)``); each layer is compiled by
 ``kcompile.kernels.tvm_schedule.CompiledConv`` (target llvm, this CPU) and timed against
 ``torch.nn.functional.conv2d`` with the decoded dense weight, in the same process, in
-alternating blocks of runs (two rounds each; TVM_NUM_THREADS=2, torch.set_num_threads(2)).
-``runs`` per round: each record holds 2*runs timings.
+alternating blocks of runs (``--rounds`` rounds, default 2; TVM_NUM_THREADS=2,
+torch.set_num_threads(2)). ``runs`` per block: each record holds rounds*runs timings per side,
+and the per-round ratios of medians (``speedup_per_round``).
 
 Usage::
 
     TVM_NUM_THREADS=2 python benchmarks/tvm_layers.py [--runs 50] [--warmup 10] \
-        [--json benchmarks/results/tvm_layers.json] [--only 256@14] [--q 8 | --q O/4]
+        [--rounds 2] [--json benchmarks/results/tvm_layers.json] [--only 256@14] [--q 8 | --q O/4]
         [--case c|d]
 
 ``--case`` takes the issue's other clusterings from ``layer_suite.py`` instead of KSE:
@@ -90,7 +91,7 @@ def stats(ts: list[float]) -> dict:
     return {"median_ms": float(np.median(a)), "min_ms": float(a.min()), "max_ms": float(a.max()), "runs": len(a)}
 
 
-def bench_layer(name, C, O, H, stride, runs, warmup, threads=2, q: str = "8", cw=None) -> dict:
+def bench_layer(name, C, O, H, stride, runs, warmup, threads=2, q: str = "8", cw=None, rounds: int = 2) -> dict:
     """One layer: KSE with ``q`` centroids per channel, or the given clustered weight ``cw``."""
     import tvm
 
@@ -113,10 +114,13 @@ def bench_layer(name, C, O, H, stride, runs, warmup, threads=2, q: str = "8", cw
         ref = F.conv2d(xt, wt, None, stride, 1).numpy()
         fn(*args)
         err = float(np.abs(out.numpy() - ref).max() / max(np.ptp(ref), 1e-12))
-        tk = timed_blocks(lambda: fn(*args), runs, warmup)
-        td = timed_blocks(lambda: F.conv2d(xt, wt, None, stride, 1), runs, warmup)
-        tk += timed_blocks(lambda: fn(*args), runs, warmup)  # second round: both see
-        td += timed_blocks(lambda: F.conv2d(xt, wt, None, stride, 1), runs, warmup)  # similar load
+        tk, td, per_round = [], [], []
+        for _ in range(rounds):  # alternating rounds: both see similar load
+            bk = timed_blocks(lambda: fn(*args), runs, warmup)
+            bd = timed_blocks(lambda: F.conv2d(xt, wt, None, stride, 1), runs, warmup)
+            tk += bk
+            td += bd
+            per_round.append(float(np.median(bd) / np.median(bk)))
     Ho = ref.shape[2]
     hw = Ho * Ho
     q_req = q
@@ -132,6 +136,7 @@ def bench_layer(name, C, O, H, stride, runs, warmup, threads=2, q: str = "8", cw
         "model": "resnet18", "layer": name, "backend": "tvm-llvm", "batch": 1, "threads": threads,
         **k, "dense_median_ms": d["median_ms"], "dense_min_ms": d["min_ms"], "dense_max_ms": d["max_ms"],
         "speedup_median": d["median_ms"] / k["median_ms"], "speedup_min": d["min_ms"] / k["min_ms"],
+        "speedup_per_round": per_round, "rounds": rounds,
         "op_count_bound": dense_macs / shared_ops, "method": method, "q": q,
         "q_requested": q_req if method == "kse" else None,
         "form": conv.form,
@@ -195,6 +200,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of (TVM block, torch block)")
     ap.add_argument("--json", default="benchmarks/results/tvm_layers.json")
     ap.add_argument("--only", default=None, help="comma-separated layer names")
     ap.add_argument("--suite", default="layers", choices=["layers", "models"])
@@ -223,7 +229,7 @@ def main(argv=None) -> int:
         if only and name not in only:
             continue
         cw = weights[(C, O, H, s)][0] if a.case else None
-        r = bench_layer(name, C, O, H, s, a.runs, a.warmup, a.threads, a.q, cw=cw)
+        r = bench_layer(name, C, O, H, s, a.runs, a.warmup, a.threads, a.q, cw=cw, rounds=a.rounds)
         records.append(r)
         print(f"{name:>15}  tvm {r['median_ms']:7.3f} ms (min {r['min_ms']:.3f})  dense {r['dense_median_ms']:7.3f} ms "
               f"(min {r['dense_min_ms']:.3f})  x{r['speedup_median']:.2f} (min/min x{r['speedup_min']:.2f})  "

@@ -13,23 +13,24 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
 class VectorIsa:
     """name; lanes: float32 lanes per vector register; regs: vector registers;
-    l1d: L1 data cache bytes per core."""
+    l1d / l2: L1 data / L2 cache bytes per core."""
 
     name: str
     lanes: int
     regs: int
     l1d: int
+    l2: int = 512 << 10
 
 
-AVX512 = VectorIsa("avx512", 16, 32, 48 << 10)
-AVX2 = VectorIsa("avx2", 8, 16, 32 << 10)
-SSE = VectorIsa("sse", 4, 16, 32 << 10)
+AVX512 = VectorIsa("avx512", 16, 32, 48 << 10, 1 << 20)
+AVX2 = VectorIsa("avx2", 8, 16, 32 << 10, 512 << 10)
+SSE = VectorIsa("sse", 4, 16, 32 << 10, 256 << 10)
 KNOWN = {isa.name: isa for isa in (AVX512, AVX2, SSE)}
 
 
@@ -44,18 +45,19 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _l1d_bytes(default: int) -> int:
+def _cache_bytes(name: str, default: int) -> int:
     try:
-        v = os.sysconf("SC_LEVEL1_DCACHE_SIZE")
+        v = os.sysconf(name)
     except (ValueError, OSError, AttributeError):
         return default
     return int(v) if v and v > 0 else default
 
 
-def isa_from_flags(flags: set[str], l1d: int | None = None) -> VectorIsa:
-    """The widest ISA the ``/proc/cpuinfo`` flags allow (AVX-512 needs avx512f)."""
+def isa_from_flags(flags: set[str], l1d: int | None = None, l2: int | None = None) -> VectorIsa:
+    """The widest ISA the ``/proc/cpuinfo`` flags allow (AVX-512 needs avx512f); cache
+    sizes default to the ISA's typical ones."""
     base = AVX512 if "avx512f" in flags else AVX2 if "avx2" in flags and "fma" in flags else SSE
-    return base if l1d is None else VectorIsa(base.name, base.lanes, base.regs, l1d)
+    return replace(base, l1d=l1d or base.l1d, l2=l2 or base.l2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,4 +71,4 @@ def host_isa() -> VectorIsa:
             raise UsageError(f"KCOMPILE_ISA must be one of {', '.join(KNOWN)}, got {forced!r}")
         return KNOWN[forced]
     isa = isa_from_flags(_cpu_flags())
-    return VectorIsa(isa.name, isa.lanes, isa.regs, _l1d_bytes(isa.l1d))
+    return replace(isa, l1d=_cache_bytes("SC_LEVEL1_DCACHE_SIZE", isa.l1d), l2=_cache_bytes("SC_LEVEL2_CACHE_SIZE", isa.l2))

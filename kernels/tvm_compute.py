@@ -20,7 +20,7 @@ rows; ``out`` keeps the valid ones.
 
     z[n, k, j, p]    = sum_{r,s} book[k, j, r, s] * xf[n, zchan[k], tap(p, r, s)]
                                                                         (N, Cz, q, P)
-    acc[n, o, p]     = sum_{t<Ck} scale[o, t] * z[n, g(o)*Ck + t, lidx[o, t], p]
+    acc[n, o, p]     = sum_{t<Ck} scale[o, t] * z[n, g(o)*Ck + t, lidx[t, o], p]
     dense[n, o, p]   = sum_{f,r,s} dweight[o, f, r, s] * xf[n, dchan[g(o)*F + f], ...]
                                                                   (KSE full channels only)
     out[n, o, h, w]  = acc[n, o, h*Wq + w] + dense[...] + bias[o]       (N, O, Ho, Wo)
@@ -163,7 +163,8 @@ def pad_centroids(q: int) -> int:
 def shared_arrays(cw: ClusteredWeight, groups: int, bias) -> ConvArrays:
     """Uniform conv-then-add tables (book padded to q per z-channel); see module doc.
 
-    book (Cz, q, kh, kw); zchan (Cz,) int32; lidx (O, Ck) int32; scale (O, Ck);
+    book (Cz, q, kh, kw); zchan (Cz,) int32; lidx (Ck, O) uint8 (uint16 above 256 centroids);
+    scale (O, Ck), or (1, 1) when every scale is 1;
     dweight (O, F, kh, kw) + dchan (groups*F,) int32 when KSE keeps full channels; bias (O,).
     """
     O, Cg, kh, kw = cw.shape
@@ -189,8 +190,14 @@ def shared_arrays(cw: ClusteredWeight, groups: int, bias) -> ConvArrays:
         base = t.zstart[:-1][(g[:, None] * Ck + np.arange(Ck)[None, :])]
         lidx[:, :Ck] = t.uidx - base
         scale[:, :Ck] = t.uscale
+    unit_scale = bool(np.all(scale == 1.0))
+    # lidx in the narrowest unsigned type, channel-major (a chunk of input channels reads one
+    # contiguous block), and no scale table when every scale is 1 (KSE): the gather streams
+    # lidx once per position tile, and a cold 1 MB int32 (O, Ck) table (resnet18's 512x512
+    # layers) made a layer 2.5x slower inside the model than in a warm loop
     arrays = {"book": _f32(book.reshape(-1, q, kh, kw)), "zchan": _i32(zchan),
-              "lidx": _i32(lidx), "scale": _f32(scale)}
+              "lidx": np.ascontiguousarray(lidx.T.astype(index_dtype(q))),
+              "scale": np.ones((1, 1), np.float32) if unit_scale else _f32(scale)}
     full_local = np.flatnonzero(full)
     F = len(full_local)
     if F:
@@ -199,7 +206,7 @@ def shared_arrays(cw: ClusteredWeight, groups: int, bias) -> ConvArrays:
         arrays["dchan"] = _i32(d.channels)
     arrays["bias"] = _f32(np.zeros(O) if bias is None else _np(bias))
     ident = Cz == groups * Cg and bool(np.all(zchan == np.arange(len(zchan))))
-    meta = {"q": q, "Ck": Ck, "F": F, "zident": ident, "unit_scale": bool(np.all(scale == 1.0))}
+    meta = {"q": q, "Ck": Ck, "F": F, "zident": ident, "unit_scale": unit_scale}
     return ConvArrays("shared", arrays, meta)
 
 
@@ -333,8 +340,13 @@ def centroid_conv(xf, book, zchan, spec: ConvSpec, P: int, ident: bool):
     return te.compute((spec.N, Cz, q, P), f, name="z")
 
 
+def index_dtype(q: int):
+    """The narrowest unsigned NumPy dtype holding local indices 0..q-1."""
+    return np.uint8 if q <= 1 << 8 else np.uint16 if q <= 1 << 16 else np.int32
+
+
 def gather_accumulate(z, lidx, scale, spec: ConvSpec, Ck: int, P: int, unit_scale: bool = False):
-    """Stage 2: acc[n, o, p] = sum_t scale[o, t] * z[n, g(o)*Ck + t, lidx[o, t], p]
+    """Stage 2: acc[n, o, p] = sum_t scale[o, t] * z[n, g(o)*Ck + t, lidx[t, o], p]
     (``unit_scale``: every scale is 1 (KSE), a plain sum of the gathered rows)."""
     from tvm import te, tirx
 
@@ -347,12 +359,13 @@ def gather_accumulate(z, lidx, scale, spec: ConvSpec, Ck: int, P: int, unit_scal
         k = t if spec.geom.groups == 1 else (o // Og) * Ck + t
         # j is data dependent: bounded to [0, q) so region analysis sees the whole (small)
         # centroid axis (tables are in range; a lone centroid needs no index)
+        li = lidx[t, o].astype("int32")
         if q == 1:
             j = 0
         elif q & (q - 1) == 0:
-            j = tirx.floormod(lidx[o, t], q)  # one `and`; bounded for the region analysis
+            j = tirx.floormod(li, q)  # one `and`; bounded for the region analysis
         else:
-            j = tirx.min(tirx.max(lidx[o, t], 0), q - 1)
+            j = tirx.min(tirx.max(li, 0), q - 1)
         if unit_scale:
             return te.sum(z[n, k, j, p], axis=t)
         return te.sum(scale[o, t] * z[n, k, j, p], axis=t)
@@ -415,7 +428,7 @@ def out_stage(spec: ConvSpec, meta: dict, params: list, conv, bias):
 def shared_conv(spec: ConvSpec, meta: dict, P: int):
     """TE graph of the ``shared`` form. Returns (params, out, inputs) (see :func:`out_stage`) with params in call order
     x, book, zchan, lidx, scale[, dweight, dchan], bias. ``meta["unit_scale"]``: stage 2
-    without the (all-one, KSE) scales (the ``scale`` parameter stays in the signature)."""
+    without the (all-one, KSE) scales (the ``scale`` parameter stays in the signature, 1 x 1)."""
     from tvm import te
 
     q, Ck, F = meta["q"], meta["Ck"], meta["F"]
@@ -424,8 +437,9 @@ def shared_conv(spec: ConvSpec, meta: dict, P: int):
     x = _x(spec)
     book = te.placeholder((Cz, q, spec.kh, spec.kw), "float32", name="book")
     zchan = te.placeholder((Cz,), "int32", name="zchan")
-    lidx = te.placeholder((spec.O, max(Ck, 1)), "int32", name="lidx")
-    scale = te.placeholder((spec.O, max(Ck, 1)), "float32", name="scale")
+    lidx = te.placeholder((max(Ck, 1), spec.O), np.dtype(index_dtype(q)).name, name="lidx")
+    unit = meta.get("unit_scale", False)
+    scale = te.placeholder((1, 1) if unit else (spec.O, max(Ck, 1)), "float32", name="scale")
     bias = te.placeholder((spec.O,), "float32", name="bias")
     params = [x, book, zchan, lidx, scale]
     xf = flat_input(x, spec, P)

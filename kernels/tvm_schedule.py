@@ -11,7 +11,8 @@ form -- the blocking of a GEMM applied to a gather:
   (output-channel groups og, only when there are fewer than ``OG_TASKS`` tiles per
   thread; z is then recomputed per group) x tiles, never over input channels;
 - for each tile, the input channels are processed in chunks of CC whose stage-1 result
-  (``z``, CC x q x TL) fits L1 (``ZCHUNK_L1_SHARE``), computed by ``compute_at`` just before
+  (``z``, CC x q x TL) fits L1 (``ZCHUNK_L1_SHARE``; for large q, L2 when that saves
+  enough accumulator reloads: ``Z_L2``), computed by ``compute_at`` just before
   the chunk is consumed (fused: z never reaches DRAM);
 - stage 2 for a chunk: OB outputs x nv vectors of accumulators in registers across the
   chunk's channels (loaded / stored once per chunk from the tile's acc rows), one z vector
@@ -96,6 +97,16 @@ STAGE1_NOT3 = 1.3  # stage 1 without a 3-vector register block (see _stage1_bloc
 # stage 1 -- counted at OG_RECOMPUTE of its operations (its z tile stays in L1)
 OG_TASKS = 2
 OG_RECOMPUTE = 0.5
+# a z chunk may outgrow L1 (up to ZCHUNK_L2_SHARE of L2) when that saves enough accumulator
+# reloads: every gather load then comes from L2, counted at Z_L2 of an add. Fitted on
+# AVX2 (znver3, 2 threads) to KSE q=128 at 512@7, nv=2: CC=2 (z in L1) 1.74 ms, CC=4 1.54,
+# CC=8 (64 KB, L2) 1.38, CC=16 (128 KB) 1.62; q=64 at 256@14 ran fastest with CC=8 (64 KB)
+Z_L2 = 0.35
+ZCHUNK_L2_SHARE = 0.125
+# outputs per gather register block, by ISA: on AVX2 (znver3) 4 outputs lost to 2 or 1 on
+# every large-q shape tried (q=128 at 512@7, nv=2, CC=8: OB=4 1.57 ms, OB=2 1.38, OB=1 1.39;
+# the stride-2 convs alike); AVX-512's 4 was measured on the Xeon of the first stops
+GATHER_OB = {"avx512": (4, 2, 1), "avx2": (2, 1), "sse": (2, 1)}
 
 
 # strided direct convs take at most 4 outputs per register block: every stride-2 shape measured
@@ -158,13 +169,31 @@ def _stage1_block(nzv: int, q: int, tl: LlvmTiles) -> tuple[int, int]:
     return zv, zj
 
 
-def _chunk(Ck: int, q: int, TL: int, groups: int, zbytes: int) -> int:
-    """Input channels per z chunk: the most whose z (CC x q x TL floats) fits ``zbytes``
-    (0: all channels fit, or grouped convs: no chunking)."""
+def _reload(CC: int) -> float:
+    """Accumulator loads + stores per gather add with CC channels per chunk (0: all): 2/CC,
+    and below ~4 channels per chunk the store port saturates (measured: q=64 at CC=1 is
+    2.6x slower than at CC=4)."""
+    return ACC_RELOAD * (2 / CC) * (1 + 2 / CC) if CC else 0.0
+
+
+def _chunk(Ck: int, q: int, TL: int, groups: int, isa: VectorIsa) -> tuple[int, float]:
+    """(CC, gather cost factor): input channels per z chunk (0: all channels at once, or a
+    grouped conv: no chunking) and the gather's relative cost 1 + reloads (+ ``Z_L2`` when
+    the chunk's z, CC x q x TL floats, lives in L2 rather than L1). The cheapest chunk of at
+    most ``ZCHUNK_L2_SHARE`` of L2."""
     if groups != 1 or Ck <= 1:
-        return 0
-    fit = [d for d in _divisors(Ck) if d * q * TL * 4 <= zbytes]
-    return fit[-1] if fit and fit[-1] < Ck else (0 if fit else 1)
+        return 0, 1.0
+    l1, l2 = isa.l1d * ZCHUNK_L1_SHARE, isa.l2 * ZCHUNK_L2_SHARE
+    best = None
+    for d in _divisors(Ck):
+        z = d * q * TL * 4
+        if z > l2 and d > 1:
+            break
+        cc = 0 if d == Ck else d
+        cost = 1 + _reload(cc) + (Z_L2 if z > l1 else 0.0)
+        if best is None or cost < best[1] - 1e-9:
+            best = (cc, cost)
+    return best
 
 
 def shared_tile_cost(spec: ConvSpec, meta: dict, nv: int, threads: int = 2,
@@ -182,18 +211,15 @@ def shared_tile_cost(spec: ConvSpec, meta: dict, nv: int, threads: int = 2,
     TL = isa.lanes * nv
     P = spec.wide_len(TL)
     tiles = spec.N * (P // TL)
-    OB = next(ob for ob in (4, 2, 1) if spec.Og % ob == 0 and ob * nv <= budget)
+    OB = next(ob for ob in GATHER_OB[isa.name] if spec.Og % ob == 0 and ob * nv <= budget)
     og = threads if tiles < OG_TASKS * threads and (spec.O // OB) % threads == 0 and spec.geom.groups == 1 else 1
     tasks = tiles * og
     balance = tasks / (threads * -(-tasks // threads))
-    CC = _chunk(Ck, q, TL, spec.geom.groups, int(isa.l1d * ZCHUNK_L1_SHARE))
+    CC, gather = _chunk(Ck, q, TL, spec.geom.groups, isa)
     s1 = Cz * q * spec.kh * spec.kw
     s2 = spec.O * Ck
-    # 2/CC accumulator loads + stores per add; below ~4 channels per chunk the store port
-    # saturates (measured: q=64 at CC=1 is 2.6x slower than at CC=4)
-    reload = ACC_RELOAD * (2 / CC) * (1 + 2 / CC) if CC else 0.0
     work = s1 * (1 + OG_RECOMPUTE * (og - 1)) * (1.0 if nv % 3 == 0 else STAGE1_NOT3) \
-        + s2 * (1 + GATHER_SCALAR / nv) * (1 + reload)
+        + s2 * (1 + GATHER_SCALAR / nv) * gather
     cost = P / spec.wide_len() * work / (s1 + s2) / balance
     return cost, LlvmTiles(og, OB, nv, TL, P, CC, vec=isa.lanes)
 

@@ -45,7 +45,7 @@ def test_tiles_respect_the_register_budget(isa):
         t = ts.llvm_tiles(spec, {"Ck": C, "q": q}, 2, isa)
         assert t.vec == isa.lanes and t.TL == isa.lanes * t.nv
         assert t.OB * t.nv <= isa.regs * ts.ACC_REG_SHARE
-        assert t.CC == 0 or t.CC * q * t.TL * 4 <= isa.l1d * ts.ZCHUNK_L1_SHARE or t.CC == 1
+        assert t.CC == 0 or t.CC * q * t.TL * 4 <= isa.l2 * ts.ZCHUNK_L2_SHARE or t.CC == 1
         d = ts.direct_tiles(spec, C, 2, isa)
         assert d.vec == isa.lanes and d.OB * d.nv <= isa.regs * ts.DIRECT_REG_SHARE
     with pytest.raises(ValueError, match="nv="):
