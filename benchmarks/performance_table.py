@@ -25,6 +25,11 @@ def _load(name):
     return json.load(open(path)) if os.path.exists(path) else None
 
 
+def _cpu(doc) -> str:
+    """The CPU a result was measured on (the project's machine changed between sessions)."""
+    return (doc.get("machine") or {}).get("cpu") or "cpu not recorded"
+
+
 def _threads(doc) -> str:
     ts = {r.get("threads") for r in doc["records"]}
     return "/".join(str(t) for t in sorted(t for t in ts if t is not None))
@@ -37,7 +42,7 @@ def layer_table() -> list[str]:
         doc = _load(fname)
         if not doc:
             continue
-        out.append(f"- {label}: `{doc.get('command', '?')}` ({_threads(doc)} threads)")
+        out.append(f"- {label}: `{doc.get('command', '?')}` ({_threads(doc)} threads, {_cpu(doc)})")
     numba = _load("layer_suite.json")
     tvm = _load("tvm_layers.json")
     if not numba and not tvm:
@@ -69,7 +74,7 @@ def model_table() -> list[str]:
     if not doc:
         return []
     base = next((r for r in doc["records"] if r.get("backend") == "ort-dense" and "median_ms" in r), None)
-    lines = [f"Whole resnet18, 224x224, batch 1: `{doc['command']}` ({doc['clustering']}; load average per round "
+    lines = [f"Whole resnet18, 224x224, batch 1, {_cpu(doc)}: `{doc['command']}` ({doc['clustering']}; load average per round "
              f"{', '.join(f'{v:.1f}' for v in doc['machine']['loadavg_1min_per_round'])})", "",
              "| path | median ms | vs onnxruntime dense | peak RSS MB | max rel err |", "| --- | ---: | ---: | ---: | ---: |"]
     for r in doc["records"]:
@@ -82,7 +87,7 @@ def model_table() -> list[str]:
     if one:
         recs = {r["backend"]: r for r in one["records"] if "median_ms" in r}
         if "tvm-llvm" in recs and "ort-dense" in recs:
-            lines += ["", f"The same at 1 thread (`{one['command']}`): tvm-llvm {recs['tvm-llvm']['median_ms']:.2f} ms, "
+            lines += ["", f"The same at 1 thread ({_cpu(one)}; `{one['command']}`): tvm-llvm {recs['tvm-llvm']['median_ms']:.2f} ms, "
                       f"onnxruntime dense {recs['ort-dense']['median_ms']:.2f} ms, "
                       f"{statistics.median(recs['tvm-llvm']['speedup_vs_ort_dense_per_round']):.2f}x (median of "
                       f"{len(recs['tvm-llvm']['speedup_vs_ort_dense_per_round'])} per-round ratios)."]
@@ -95,7 +100,7 @@ def kmeans_line() -> list[str]:
         return []
     ours, sk = doc["kcompile"], doc["sklearn"]
     return ["k-means engine vs scikit-learn (ResNet-18's 1,220,608 3x3 kernels, K=256, 50 iterations, "
-            f"2 threads): kcompile {ours['best_s']:.2f} s vs scikit-learn {sk['best_s']:.2f} s, best of "
+            f"2 threads, {_cpu(doc)}): kcompile {ours['best_s']:.2f} s vs scikit-learn {sk['best_s']:.2f} s, best of "
             f"{len(ours['wall_s'])} ({doc['speedup_best']:.2f}x; medians {doc['speedup_median']:.2f}x); final inertia "
             f"{100 * doc['inertia_rel_diff']:+.2f} % vs scikit-learn's. kcompile seeds k-means++ on a "
             "sample of max(65,536, 256 K) points (`init_size=\"auto\"`)"
@@ -105,7 +110,8 @@ def kmeans_line() -> list[str]:
 
 
 def render() -> str:
-    parts = ["Measured on this project's 2-core machine; medians after warm-up, the baseline timed in the same "
+    parts = ["Measured on this project's 2-core machine (an Intel Xeon with AVX-512 until 2026-11-22, an AMD EPYC "
+             "with AVX2 since; each result names its CPU); medians after warm-up, the baseline timed in the same "
              "run. Regenerate with `python benchmarks/performance_table.py` after rerunning the benchmarks.", ""]
     for block in (layer_table(), model_table(), kmeans_line()):
         if block:
