@@ -35,6 +35,18 @@ def _die_on_1(rank, world):
     return rank
 
 
+def _finish(rank, world):
+    kd.finish(timeout=20)  # all ranks leave together; the group is gone afterwards
+    return kd.is_initialized()
+
+
+def _finish_alone(rank, world):
+    if rank == 1:
+        return kd.finish(timeout=2)  # rank 0 never arrives: a one-line error, not a hang
+    time.sleep(6)
+    return None
+
+
 def _hang_on_1(rank, world):
     if rank == 1:
         time.sleep(60)  # alive but never joins the collective
@@ -93,3 +105,14 @@ def test_describe_failure_and_backend():
     assert "lost the connection" in kd.describe_failure(RuntimeError("Connection closed by peer"), 1)
     assert kd.default_backend() in ("gloo", "nccl")
     assert 0 < kd.free_port() < 65536
+
+
+def test_finish_leaves_the_group_together():
+    kd.finish()  # no group: nothing to do
+    assert kd.spawn(_finish, 2, timeout=30) == [False, False]
+
+
+def test_finish_without_the_peers_is_a_one_line_error():
+    with pytest.raises(KcompileError) as e:
+        kd.spawn(_finish_alone, 2, timeout=10, grace=10)
+    assert "rank 1" in str(e.value) and "\n" not in str(e.value)
