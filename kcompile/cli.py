@@ -224,12 +224,17 @@ def _register_optional_commands() -> None:
             cli.add_command(command)
 
 
-def _leave_process_group() -> None:
-    """Under torchrun: every rank leaves the group together once the command succeeded."""
-    if "torch.distributed" in sys.modules:
-        from .distributed import finish
+def _leave_process_group(code: int) -> None:
+    """A process that torchrun started (several ranks, a group initialised): once the command
+    succeeded, every rank waits for the others and the process ends there with ``code``
+    (``kcompile.distributed.finish_and_exit``: no teardown)."""
+    if "torch.distributed" not in sys.modules:
+        return
+    from .distributed import env_world, finish_and_exit, is_initialized
 
-        finish()
+    env = env_world()
+    if env is not None and env.world_size > 1 and is_initialized():
+        finish_and_exit(code)
 
 
 def main(argv=None) -> None:
@@ -245,8 +250,10 @@ def main(argv=None) -> None:
     try:
         _register_optional_commands()
         rv = cli.main(args=argv, prog_name="kcompile", standalone_mode=False)
-        _leave_process_group()
-        sys.exit(rv if isinstance(rv, int) else 0)
+        code = rv if isinstance(rv, int) else 0
+        if argv is None:  # the real command line (tests call main(argv) in their own process)
+            _leave_process_group(code)
+        sys.exit(code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.exceptions.Abort:

@@ -105,17 +105,8 @@ def init_from_env(timeout: float = DEFAULT_TIMEOUT, backend: str | None = None) 
     return current()
 
 
-def finish(timeout: float = 60.0) -> None:
-    """Leave the process group together: a barrier, then ``destroy_process_group`` on every
-    rank (no-op when no group is initialised).
-
-    Call it when the work succeeded on every rank (the CLI does after each command). Without
-    it, a rank that finished first (under torchrun, every rank but 0, which still writes the
-    outputs) tore gloo down while its peer was still connected, and now and then died at exit
-    with ``terminate called without an active exception`` (SIGABRT, exit code -6): seen in
-    2 of 66 two-rank ``kcompile graft`` runs here and once in CI."""
-    if not is_initialized():
-        return
+def _barrier_all(timeout: float) -> None:
+    """Every rank reaches this point (gloo: a monitored barrier, so a missing rank is named)."""
     rank = dist.get_rank()
     try:
         if dist.get_backend() == "gloo":
@@ -124,8 +115,39 @@ def finish(timeout: float = 60.0) -> None:
             dist.barrier()
     except Exception as e:
         raise KcompileError(describe_failure(e, rank, "the other ranks at the end")) from None
+
+
+def finish(timeout: float = 60.0) -> None:
+    """Leave the process group together: a barrier, then ``destroy_process_group`` on every
+    rank (no-op when no group is initialised); for code that goes on after its distributed
+    part. A process that ends with its distributed work (the CLI under torchrun) uses
+    :func:`finish_and_exit` instead."""
+    if not is_initialized():
+        return
+    try:
+        _barrier_all(timeout)
     finally:
         _destroy_quietly()
+
+
+def finish_and_exit(code: int = 0, timeout: float = 60.0) -> None:
+    """End a torchrun rank whose work succeeded: wait for every rank (a barrier with a
+    timeout), flush stdout / stderr, then ``os._exit(code)`` -- no gloo teardown, no C++
+    static destructors. No-op when no process group is initialised.
+
+    Why: two-rank ``kcompile graft`` runs under torchrun now and then died *after* their work
+    was done and written, with ``terminate called without an active exception`` (SIGABRT,
+    exit code -6) in the rank that finished first: 2 of 66 runs here and 2 CI runs, one of
+    them with :func:`finish` (barrier + ``destroy_process_group``) already in place. Past the
+    barrier every rank has finished and every output file is closed (written atomically), so
+    nothing is lost by skipping the teardown in which the abort happens."""
+    if not is_initialized():
+        return
+    _barrier_all(timeout)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _destroy_quietly() -> None:
