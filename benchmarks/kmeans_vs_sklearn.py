@@ -118,7 +118,7 @@ def run_ours(X: torch.Tensor, k: int, iters: int, seed: int, threads: int, init_
 
 
 NOTES = """
-Notes (kcompile side, 2 threads, quiet machine): k-means++ takes about 0.35 s on its default
+Notes (kcompile side, 2 threads, measured on the Intel Xeon (AVX-512) of the stops before 2026-12-07): k-means++ takes about 0.35 s on its default
 sample of 65,536 points (1.8 s on all 1.2 M points) and the 50 Lloyd iterations about 5.2 s.
 Seeding on a uniform sample is the idea of scikit-learn MiniBatchKMeans' `init_size`; the table
 gives the final inertia with it and without it (`init_size="all"`). Each check of a point costs
