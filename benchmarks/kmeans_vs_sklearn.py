@@ -77,14 +77,11 @@ def machine_info() -> dict:
         info["sklearn"] = sklearn.__version__
     except ImportError:
         pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from kcompile.bench import cpu_name
+
+    cpu = cpu_name()
+    if cpu:
+        info["cpu"] = cpu
     try:
         info["loadavg_start"] = list(os.getloadavg())
     except OSError:

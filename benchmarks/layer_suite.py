@@ -119,13 +119,9 @@ def stats(ts):
 
 
 def machine_info(threads):
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+    from kcompile.bench import cpu_name
+
+    return {"cpu": cpu_name("unknown"), "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
             "torch": torch.__version__, "numba": numba.__version__, "numpy": np.__version__,
             "load_average_at_start": os.getloadavg()}
 

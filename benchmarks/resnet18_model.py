@@ -39,14 +39,6 @@ PATHS = ("ort-dense", "torch-dense", "tvm-llvm-dense", "tvm-llvm", "tvm-llvm-tun
 SHAPE = (1, 3, 224, 224)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor())
-    except OSError:
-        return platform.processor()
-
-
 def build_models(cache: str):
     """(dense decoded model, clustered model), clustered once and cached in ``cache``."""
     import torch.nn as nn
@@ -130,6 +122,8 @@ def run_path(name: str, threads: int, runs: int, warmup: int, cache: str) -> dic
 
 
 def main() -> None:
+    from kcompile import bench
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=30)
@@ -182,7 +176,7 @@ def main() -> None:
                      "build_s": max(rec["build_s"] for rec in ok if rec.get("built", True)),
                      "rel_err": max(rec["rel_err"] for rec in ok)})
     doc = {"command": "python " + " ".join(sys.argv), "machine": {
-        "platform": platform.platform(), "cpu": _cpu_name(), "cores": os.cpu_count(), "loadavg_1min_per_round": load},
+        "platform": platform.platform(), "cpu": bench.cpu_name(platform.processor()), "cores": os.cpu_count(), "loadavg_1min_per_round": load},
         "clustering": "kse q=8 on every 3x3 conv of zoo:resnet18 (1x1 downsample and 7x7 stem dense)",
         "records": rows}
     with open(a.json, "w") as f:

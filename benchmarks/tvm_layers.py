@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -37,7 +36,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kcompile.bench import timed_calls  # noqa: E402
+from kcompile.bench import cpu_name, timed_calls  # noqa: E402
 
 # (name, C_in, C_out, H (input), stride)
 SHAPES = [
@@ -52,12 +51,7 @@ SHAPES = [
 
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        cpu = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
-    except OSError:
-        pass
+    cpu = cpu_name()
     import tvm
 
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,

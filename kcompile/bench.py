@@ -437,6 +437,15 @@ class BenchResult:
         return out
 
 
+def cpu_name(default: str = "") -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or ``default`` when it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), default)
+    except OSError:
+        return default
+
+
 def machine_info(threads: int) -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
