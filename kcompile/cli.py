@@ -230,11 +230,11 @@ def _leave_process_group(code: int) -> None:
     (``kcompile.distributed.finish_and_exit``: no teardown)."""
     if "torch.distributed" not in sys.modules:
         return
-    from .distributed import env_world, finish_and_exit, is_initialized
+    from .distributed import env_world, finish_and_exit
 
     env = env_world()
-    if env is not None and env.world_size > 1 and is_initialized():
-        finish_and_exit(code)
+    if env is not None and env.world_size > 1:
+        finish_and_exit(code)  # a no-op unless the command joined the group
 
 
 def main(argv=None) -> None:

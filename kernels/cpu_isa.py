@@ -5,8 +5,9 @@ chosen for the same machine: AVX-512 (16 float lanes, 32 zmm registers), AVX2 (8
 16 ymm) or plain SSE (4 lanes, 16 xmm). A register block sized for 32 zmm spills on a
 16-register AVX2 core, hence this module.
 
-``KCOMPILE_ISA=avx512|avx2|sse`` overrides the detection (tests use it to build the
-other ISA's schedules; the generated code still targets the host).
+``KCOMPILE_ISA=avx512|avx2|sse`` overrides the detection (to time another ISA's tiles on
+this host; the generated code still targets the host). The tile functions also take an
+explicit ``isa``.
 """
 
 from __future__ import annotations

@@ -138,8 +138,6 @@ def direct_tiles(spec: ConvSpec, Oo: int, threads: int = 2, isa: VectorIsa | Non
             score = P / base * (1 + 0.5 * (nv + OB) / (OB * nv)) / balance
             if best is None or score < best[0] - 1e-9:
                 best = (score, OB, nv, P)
-    if best is None:  # no OB divides Og (cannot happen: 1 does)
-        raise AssertionError("no register block")
     _, OB, nv, P = best
     return LlvmTiles(1, OB, nv, VEC * nv, P, vec=VEC)
 
