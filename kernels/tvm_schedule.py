@@ -351,15 +351,23 @@ def schedule_shared_llvm(sch, spec: ConvSpec, meta: dict, tl: LlvmTiles) -> None
 
 def _schedule_direct_block(sch, spec: ConvSpec, name: str, tl: LlvmTiles) -> None:
     """A direct conv block (N, O', P) with reductions (f, r, s): OB outputs x nv vectors
-    of accumulators, the input vector of a tap shared by the OB outputs."""
+    of accumulators, the input vector of a tap shared by the OB outputs.
+
+    Parallel tasks are (position tile, output block), position-major: consecutive tasks of a
+    thread reuse one tile's input rows (L1/L2) for every output block and stream the weights,
+    which are small or L2-resident. Output-block-major order re-read the whole input from L3
+    for every output block: measured on the AVX2 host at 2 threads (interleaved, median of 5
+    rounds), position-major was 1.0-1.7x faster on every direct conv of resnet18 -- the 7x7
+    stem, the 1x1 stride-2 downsamples, and all seven O/4-filter 3x3 shapes (64->128@56/2:
+    0.90 -> 0.54 ms; 512@7: 0.92 -> 0.61 ms) -- and slower on none."""
     d = sch.get_sblock(name)
     n, o, p, f, r, s_ = sch.get_loops(d)
     Oo = sch.get(o).extent.value
     OB = next(ob for ob in (tl.OB, 4, 2, 1) if Oo % ob == 0)
     oo, oi = sch.split(o, [None, OB])
     pt, pv, pl = sch.split(p, [None, tl.nv, tl.vec])
-    sch.reorder(n, oo, pt, f, r, s_, oi, pv, pl)
-    sch.parallel(sch.fuse(n, oo, pt))
+    sch.reorder(n, pt, oo, f, r, s_, oi, pv, pl)
+    sch.parallel(sch.fuse(n, pt, oo))
     sch.vectorize(pl)
     sch.unroll(pv)
     sch.unroll(oi)
