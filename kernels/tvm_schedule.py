@@ -50,7 +50,16 @@ from .tvm_compute import ConvArrays, ConvSpec
 # register and cache budgets are fractions of the host's (``cpu_isa``; measured on AVX-512:
 # 16 of 32 zmm for the shared form's accumulators, 24 for a direct conv's, a z chunk of
 # 32 KB of the 48 KB L1d)
-ACC_REG_SHARE = 0.5     # accumulator vectors of the shared form's gather
+# accumulator vectors of the shared form's gather (OB * nv), by ISA. The gather's index
+# arithmetic needs registers too (LLVM vectorises a block's uint8 index loads and address
+# math into up to ~10 xmm registers). AVX-512's half of 32 zmm was measured on the Xeon of
+# the first stops. On AVX2 (16 ymm; znver3, 2 threads, interleaved tile searches) blocks of
+# 6-8 accumulators lost to blocks of 4 on most KSE layers. The heuristic's tiles with this
+# budget (and SPLIT_ROW, STAGE1_TAP_REGS below) against the ones with 8, on resnet18's seven
+# shapes at q=8 and q=O/4: faster on 9 of 12 that changed (128@28 q=8 0.80 -> 0.59 ms, 128@28
+# q=32 1.28 -> 1.06 ms), slower on 256->512@14/2 q=8 (0.39 -> 0.43 ms) and 64@56 q=16
+# (1.19 -> 1.34 ms), even on 512@7 q=8
+ACC_REG_SHARE = {"avx512": 0.5, "avx2": 0.25, "sse": 0.25}
 DIRECT_REG_SHARE = 0.75  # accumulator vectors of a direct conv (the rest: inputs, a weight)
 ZCHUNK_L1_SHARE = 2 / 3  # z chunk (CC channels x q x TL floats) per L1d
 
@@ -86,10 +95,20 @@ def _divisors(n: int) -> list[int]:
 # resnet18 shapes, 1 thread): per (output, input channel) the gather pays a few scalar
 # instructions (index load, mask, multiply) amortised over nv vector adds (GATHER_SCALAR/nv),
 # each z chunk of CC channels reloads/stores the tile's accumulators (~ACC_RELOAD*2/CC), and
-# stage 1 is fastest with 3-vector register blocks (nv a multiple of 3)
+# (AVX-512) stage 1 is fastest with 3-vector register blocks (nv a multiple of 3)
 GATHER_SCALAR = 0.6
 ACC_RELOAD = 0.5
-STAGE1_NOT3 = 1.3  # stage 1 without a 3-vector register block (see _stage1_block)
+# stage 1 without a 3-vector register block (see _stage1_block), where the 27 tap vectors of
+# a 3x3 kernel fit the register file (32 registers: AVX-512); with 16 registers they do not
+# and nv = 4 beat nv = 3 (above)
+STAGE1_NOT3 = 1.3
+STAGE1_TAP_REGS = 32
+# a z row of TL floats that is not a whole number of cache lines (AVX2 with odd nv: 8-float
+# vectors, 64-byte lines) makes every other gather load a split load. Measured on AVX2 at 2
+# threads, KSE q=8, CC=16: nv=3 took 0.92 / 0.35 / 0.66 ms where nv=4 took 0.72 / 0.20 /
+# 0.41 ms (256@14, 128->256@28/2, 128@28)
+SPLIT_ROW = 0.5
+CACHE_LINE = 64
 # with fewer than OG_TASKS parallel tasks per thread the output channels are split over the
 # threads too (og > 1; each group recomputes its tile's z). Measured at 2 threads on the
 # resnet18 shapes with at most 3 position tiles (256@14, 512@7 and both stride-2 convs
@@ -199,9 +218,9 @@ def shared_tile_cost(spec: ConvSpec, meta: dict, nv: int, threads: int = 2,
     """(relative cost, tiles) of the shared schedule with nv vectors per register row: the
     padding of P, stage 1 (recomputed per output group og), the gather overheads (see
     ``GATHER_SCALAR`` / ``ACC_RELOAD``) and the balance of the parallel tasks over threads.
-    nv must be at most the accumulator budget (``ACC_REG_SHARE`` of the ISA's registers)."""
+    nv must be at most the accumulator budget (:func:`acc_budget`)."""
     isa = isa or host_isa()
-    budget = int(isa.regs * ACC_REG_SHARE)
+    budget = acc_budget(isa)
     if not 1 <= nv <= budget:
         raise ValueError(f"nv={nv} outside 1..{budget} accumulator vectors")
     Ck, q = max(meta.get("Ck", 1), 1), max(meta.get("q", 1), 1)
@@ -216,17 +235,25 @@ def shared_tile_cost(spec: ConvSpec, meta: dict, nv: int, threads: int = 2,
     CC, gather = _chunk(Ck, q, TL, spec.geom.groups, isa)
     s1 = Cz * q * spec.kh * spec.kw
     s2 = spec.O * Ck
-    work = s1 * (1 + OG_RECOMPUTE * (og - 1)) * (1.0 if nv % 3 == 0 else STAGE1_NOT3) \
-        + s2 * (1 + GATHER_SCALAR / nv) * gather
+    not3 = STAGE1_NOT3 if nv % 3 and isa.regs >= STAGE1_TAP_REGS else 1.0
+    work = s1 * (1 + OG_RECOMPUTE * (og - 1)) * not3 \
+        + s2 * (1 + GATHER_SCALAR / nv) * gather * (1 + SPLIT_ROW * (TL * 4 % CACHE_LINE != 0))
     cost = P / spec.wide_len() * work / (s1 + s2) / balance
     return cost, LlvmTiles(og, OB, nv, TL, P, CC, vec=isa.lanes)
+
+
+def acc_budget(isa: VectorIsa | None = None) -> int:
+    """Accumulator vectors of one gather register block (OB * nv) on ``isa``:
+    ``ACC_REG_SHARE`` of its registers."""
+    isa = isa or host_isa()
+    return int(isa.regs * ACC_REG_SHARE.get(isa.name, 0.25))
 
 
 def nv_range(isa: VectorIsa | None = None) -> range:
     """Register row lengths (vectors) the shared schedule considers: 1..8 within the
     accumulator budget."""
     isa = isa or host_isa()
-    return range(1, min(8, int(isa.regs * ACC_REG_SHARE)) + 1)
+    return range(1, min(8, acc_budget(isa)) + 1)
 
 
 def llvm_tiles(spec: ConvSpec, meta: dict, threads: int = 2, isa: VectorIsa | None = None) -> LlvmTiles:

@@ -44,9 +44,9 @@ def test_tiles_respect_the_register_budget(isa):
         spec = ConvSpec(1, C, H, H, C, 3, 3, g)
         t = ts.llvm_tiles(spec, {"Ck": C, "q": q}, 2, isa)
         assert t.vec == isa.lanes and t.TL == isa.lanes * t.nv
-        assert t.OB * t.nv <= isa.regs * ts.ACC_REG_SHARE
+        assert t.OB * t.nv <= ts.acc_budget(isa)
         assert t.CC == 0 or t.CC * q * t.TL * 4 <= isa.l2 * ts.ZCHUNK_L2_SHARE or t.CC == 1
         d = ts.direct_tiles(spec, C, 2, isa)
         assert d.vec == isa.lanes and d.OB * d.nv <= isa.regs * ts.DIRECT_REG_SHARE
     with pytest.raises(ValueError, match="nv="):
-        ts.shared_tile_cost(spec, {"Ck": 8, "q": 8}, int(isa.regs * ts.ACC_REG_SHARE) + 1, 2, isa)
+        ts.shared_tile_cost(spec, {"Ck": 8, "q": 8}, ts.acc_budget(isa) + 1, 2, isa)
