@@ -24,15 +24,16 @@ form -- the blocking of a GEMM applied to a gather:
   FMA goes through memory -- the old reduction-into-z form also paid a zero-store pass);
   taps unrolled, one broadcast weight per tap feeds zv FMAs;
 - tile sizes: :func:`llvm_tiles` minimises :func:`shared_tile_cost` (padding of P, gather
-  scalar overhead ~1/nv, accumulator reloads ~2/CC, stage-1 recomputation, balance of the
-  parallel tasks over the threads); ``tvm_tune.search_tiles`` can time alternatives;
+  scalar overhead ~1/nv, accumulator reloads ~2/CC, z rows that split cache lines,
+  stage-1 recomputation, balance of the parallel tasks over the threads) within the ISA's
+  accumulator budget (:func:`acc_budget`); ``tvm_tune.search_tiles`` can time alternatives;
 - ``xpad`` (flat padded input) and ``out`` (valid columns + bias, and the layer's epilogue:
   batch-norm scale, residual add, ReLU) are separate parallel, vectorised passes.
 
 ``llvm``, ``filter`` / ``dense`` forms (and KSE's full channels): a direct conv with OB
 outputs x nv vectors of accumulators (up to ``DIRECT_REG_SHARE`` of the registers), the input vector of a tap
 shared by the OB outputs, the weight broadcast shared by the nv vectors
-(:func:`direct_tiles`).
+(:func:`direct_tiles`); parallel tasks position-major (:func:`_schedule_direct_block`).
 
 ``cuda``: a thread block owns (n, OB outputs, TP positions), one thread per position with
 OB register accumulators; stage 1 for a chunk of CC input channels is computed
