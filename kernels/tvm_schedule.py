@@ -247,7 +247,7 @@ def acc_budget(isa: VectorIsa | None = None) -> int:
     """Accumulator vectors of one gather register block (OB * nv) on ``isa``:
     ``ACC_REG_SHARE`` of its registers."""
     isa = isa or host_isa()
-    return int(isa.regs * ACC_REG_SHARE.get(isa.name, 0.25))
+    return int(isa.regs * ACC_REG_SHARE[isa.name])
 
 
 def nv_range(isa: VectorIsa | None = None) -> range:
