@@ -88,6 +88,18 @@ class ConvSpec:
         Wq = -(-(self.W + l + r) // sw)
         return Wq, Wq * sw
 
+    @property
+    def planes(self) -> tuple[int, int]:
+        """(row, column) phase planes the taps read: tap (r, s) reads plane ((r*dh) % sh,
+        (s*dw) % sw). A 1x1 stride-2 conv reads only plane (0, 0); the flat input holds
+        planes 0 .. n-1 per dim when those residues are exactly that range, else all sh
+        (sw) of them."""
+        out = []
+        for k, s, d in zip((self.kh, self.kw), self.geom.stride, self.geom.dilation):
+            res = {(i * d) % s for i in range(k)}
+            out.append(len(res) if res == set(range(len(res))) else s)
+        return out[0], out[1]
+
     def wide_len(self, tile: int = 1) -> int:
         """P: Ho*Wq rounded up to a multiple of ``tile``."""
         Ho, _ = self.out_hw
@@ -299,7 +311,8 @@ def make_arrays(cw: ClusteredWeight, spec: ConvSpec, bias, form: str | None = No
 # ----------------------------------------------------------------------------- computes
 def flat_input(x, spec: ConvSpec, P: int):
     """xf[n, c, ph, pc, a*Wq + b] = padded x at row sh*a + ph, column sw*b + pc (zeros
-    outside x); stage ``xpad``. Shape (N, C, sh, sw, Ha*Wq)."""
+    outside x); stage ``xpad``. Shape (N, C, nph, npw, Ha*Wq) with (nph, npw) =
+    ``spec.planes`` (the planes the taps read)."""
     from tvm import te, tirx
 
     t, l, b, r = spec.geom.padding
@@ -315,7 +328,7 @@ def flat_input(x, spec: ConvSpec, P: int):
                                            tirx.max(tirx.min(w, W - 1), 0)],
                                  tirx.const(0.0, "float32"))
 
-    return te.compute((spec.N, spec.C, sh, sw, Ha * Wq), f, name="xpad")
+    return te.compute((spec.N, spec.C, *spec.planes, Ha * Wq), f, name="xpad")
 
 
 def _tap(spec: ConvSpec, p, r, s):

@@ -298,7 +298,7 @@ def _present(*loops):
 
 # ----------------------------------------------------------------------------- llvm
 def _schedule_pad_llvm(sch, spec: ConvSpec) -> None:
-    """xpad (N, C, sh, sw, Ha*Wq): planes in parallel, each row one vectorised select."""
+    """xpad (N, C, nph, npw, Ha*Wq): planes in parallel, each row one vectorised select."""
     blk = sch.get_sblock("xpad")
     n, c, ph, pc, i = sch.get_loops(blk)
     h, w = sch.split(i, [None, spec.wide[0]])

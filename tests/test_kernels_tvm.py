@@ -156,7 +156,27 @@ def test_wide_layout_bounds():
         for r in range(3):
             for s in range(3):
                 ph, pc, last = tc._tap(spec, P - 1, r, s)
-                assert 0 <= ph < stride and 0 <= pc < stride and last < Ha * Wq
+                nph, npw = spec.planes
+                assert 0 <= ph < nph <= stride and 0 <= pc < npw <= stride and last < Ha * Wq
+
+
+@pytest.mark.parametrize("k, stride, dil, planes", [
+    (1, 2, 1, 1),  # 1x1 stride-2 downsample: plane 0 only
+    (3, 2, 1, 2), (7, 2, 1, 2), (3, 1, 1, 1),
+    (3, 2, 2, 1),  # taps 0, 2, 4: all even
+    (2, 3, 1, 2),  # residues {0, 1}
+    (3, 4, 2, 4),  # residues {0, 2}: not a prefix, so every plane
+])
+def test_flat_input_holds_only_the_planes_taps_read(k, stride, dil, planes):
+    """xpad stores the phase planes the taps read (a 1x1 stride-2 conv copies a quarter of
+    its input, not all of it), and its shape says so."""
+    spec = tc.ConvSpec(1, 2, 13, 13, 2, k, k, Geometry.make(stride, 1, dil, 1))
+    assert spec.planes == (planes, planes)
+    taps = {tc._tap(spec, 0, r, s)[:2] for r in range(k) for s in range(k)}
+    assert {ph for ph, _ in taps} <= set(range(planes)) and {pc for _, pc in taps} <= set(range(planes))
+    from tvm import te
+    xf = tc.flat_input(te.placeholder((1, 2, 13, 13), "float32"), spec, spec.wide_len(8))
+    assert tuple(int(v) for v in xf.shape[2:4]) == (planes, planes)
 
 
 def test_bad_input_shape():
