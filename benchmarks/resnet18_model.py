@@ -16,8 +16,9 @@ Each path runs in its own subprocess (so that its peak RSS, ru_maxrss, is its ow
 warm up, then ``--runs`` timed calls. TVM paths are compiled and exported in the first round
 and loaded from that library in the others (the peak RSS of a TVM path is therefore the
 larger of compile + run and of load + run; ``build_s`` is the compile time). Every path is checked against PyTorch. Because the
-machine is shared, the subprocesses run one after another in ``--rounds`` rounds; a path's
-time is the median over all its runs and the ratio to ort-dense is taken per round.
+machine is shared, the subprocesses run one after another in ``--rounds`` rounds (odd rounds in
+reverse order); a path's time is the median over all its runs and the ratio to ort-dense is
+taken per round. ``--paths ort-dense,tvm-llvm`` measures the headline pair back to back.
 
     python benchmarks/resnet18_model.py --threads 2 --runs 30 --rounds 2
 """
@@ -147,7 +148,9 @@ def main() -> None:
     load = [os.getloadavg()[0]]
     for r in range(a.rounds):
         recs = {}
-        for p in paths:
+        # odd rounds run the paths in reverse order, so that a drift of the machine's speed
+        # during a round does not favour the paths that run first
+        for p in (paths if r % 2 == 0 else paths[::-1]):
             out = subprocess.run([sys.executable, __file__, "--_one", p, "--threads", str(a.threads), "--runs",
                                   str(a.runs), "--warmup", str(a.warmup), "--cache", a.cache],
                                  capture_output=True, text=True, env={**os.environ, "KCOMPILE_QUIET": "1"})
