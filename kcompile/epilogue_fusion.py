@@ -1,4 +1,4 @@
-"""Fuse the residual add and ReLU that follow a conv kernel into the kernel's ``out`` stage.
+"""Fuse the residual add, ReLU and max-pool that follow a conv kernel into the kernel's ``out`` stage.
 
 ``compile_model`` imports a model into Relax with every conv as a ``call_tir`` of a
 scheduled kcompile kernel (batch-norms already folded into it). The ops after a conv --
@@ -8,11 +8,13 @@ pass over the conv's output, and one more function call. This rewrite replaces t
     y = call_tir(kc_conv, (x, *tables))
     [s = add(y, r) | add(r, y)]          (r of the output's shape; y used only here)
     [o = relu(s or y)]                   (s / y used only here)
+    [m = max_pool2d(o or s or y)]        (NCHW, square, dilation 1, floor mode, padding < kernel)
 
-by one ``call_tir(kc_conv_<tag>, (x, [r], *tables))`` whose kernel applies the residual add
-and the ReLU where it writes its output (``tvm_compute.Epilogue``); the kernel is the same
-compute and schedule with a longer ``out`` expression. Chains whose intermediate value is
-used elsewhere are left as they are.
+by one ``call_tir(kc_conv_<tag>, (x, [r], *tables))`` whose kernel applies the residual add,
+the ReLU and the max-pool where it writes its output (``tvm_compute.Epilogue``); the kernel is
+the same compute and schedule with a longer ``out`` expression (pooled: of the pooled shape,
+so the conv's full-size output is never written; resnet18's stem + 3x3/2 max-pool). Chains
+whose intermediate value is used elsewhere are left as they are.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class _Chain:
     last: object       # Var of the last fused op (the add or the relu): rebound to the fused call
     residual: object   # the residual operand (a Relax expr) or None
     relu: bool
+    pool: tuple | None = None  # (kernel, stride, padding) of a fused max-pool
 
 
 def _uses(func) -> dict:
@@ -108,9 +111,26 @@ def _chains(func, kernel_names) -> list[_Chain]:
         if uses.get(chain[-1], 0) == 1 and len(nxt) == 1 and _op_name(value_of[nxt[0]]) == "relax.nn.relu":
             relu = True
             chain.append(nxt[0])
+            nxt = user_of.get(nxt[0], [])
+        pool = None
+        if uses.get(chain[-1], 0) == 1 and len(nxt) == 1 and _op_name(value_of[nxt[0]]) == "relax.nn.max_pool2d":
+            pool = _fusable_pool(value_of[nxt[0]].attrs)
+            if pool is not None:
+                chain.append(nxt[0])
         if len(chain) > 1:
-            chains.append(_Chain(value, tuple(chain[:-1]), chain[-1], residual, relu))
+            chains.append(_Chain(value, tuple(chain[:-1]), chain[-1], residual, relu, pool))
     return chains
+
+
+def _fusable_pool(attrs) -> tuple[int, int, int] | None:
+    """(kernel, stride, padding) of a max_pool2d the ``out`` stage can apply (NCHW, square
+    window and stride, equal padding below kernel, dilation 1, floor mode), else None."""
+    k, s, p, d = (tuple(int(v) for v in getattr(attrs, a)) for a in ("pool_size", "strides", "padding", "dilation"))
+    if attrs.ceil_mode or str(attrs.layout) != "NCHW" or str(attrs.out_layout) != "NCHW":
+        return None
+    if len(set(k)) != 1 or len(set(s)) != 1 or len(set(p)) != 1 or set(d) != {1} or not p[0] < k[0]:
+        return None
+    return k[0], s[0], p[0]
 
 
 def fuse_conv_epilogues(mod, kernels: dict, target_kind: str, threads: int):
@@ -121,7 +141,7 @@ def fuse_conv_epilogues(mod, kernels: dict, target_kind: str, threads: int):
     ``info`` gets the fused function's name and the ``epilogue`` tag."""
     from tvm import relax
 
-    from .kernels.tvm_compute import with_epilogue
+    from .kernels.tvm_compute import epilogue_out_shape, with_epilogue
     from .kernels.tvm_schedule import layer_module
 
     func = mod["main"]
@@ -134,14 +154,16 @@ def fuse_conv_epilogues(mod, kernels: dict, target_kind: str, threads: int):
         call = ch.call
         gv = call.args[0]
         spec, arrays, entry, tiles = kernels[gv.name_hint]
-        arrays = with_epilogue(arrays, residual=ch.residual is not None, relu=ch.relu)
-        tag = arrays.meta["epilogue"].tag
+        arrays = with_epilogue(arrays, residual=ch.residual is not None, relu=ch.relu, pool=ch.pool)
+        ep = arrays.meta["epilogue"]
+        tag = ep.tag
         name = f"{gv.name_hint}_{tag}"
         lm = layer_module(spec, arrays, target_kind, threads, name=name, tiles=tiles)
         new_gv = bb.add_func(lm.mod[name].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8), name)
         x, *tables = call.args[1].fields
         args = [x, *([ch.residual] if ch.residual is not None else []), *tables]
-        replace.append((ch.last, relax.call_tir(new_gv, args, call.ty_args[0])))
+        out_ty = call.ty_args[0] if ep.pool is None else relax.TensorType(epilogue_out_shape(spec, ep), "float32")
+        replace.append((ch.last, relax.call_tir(new_gv, args, out_ty)))
         drop.extend(ch.dead)
         entry.info["function"] = name
         entry.info["epilogue"] = tag

@@ -125,20 +125,41 @@ class ConvSpec:
 
 @dataclass(frozen=True)
 class Epilogue:
-    """What the ``out`` stage applies: ``act(conv * oscale[o] + bias[o] + residual)``.
+    """What the ``out`` stage applies: ``act(conv * oscale[o] + bias[o] + residual)``, then
+    an optional max-pool.
 
     scale: an ``oscale`` (O,) table follows ``bias`` in the arrays; residual: the function
-    takes a second input of the output's shape (N, O, Ho, Wo) right after ``x``; relu:
-    ``max(., 0)`` last."""
+    takes a second input of the conv's output shape (N, O, Ho, Wo) right after ``x``; relu:
+    ``max(., 0)``; pool: (kernel, stride, padding) of a square max-pool (dilation 1, floor
+    mode, padding < kernel) applied last, so the function returns the pooled shape
+    (:func:`epilogue_out_shape`)."""
 
     scale: bool = False
     residual: bool = False
     relu: bool = False
+    pool: tuple[int, int, int] | None = None
+
+    def __post_init__(self):
+        if self.pool is not None:
+            k, s, p = self.pool
+            if not (k >= 1 and s >= 1 and 0 <= p < k):
+                raise ValueError(f"max-pool (kernel, stride, padding) must have 0 <= padding < kernel, got {self.pool}")
 
     @property
     def tag(self) -> str:
         """Short name for function names / reports ("" when nothing is applied)."""
-        return "_".join(n for n, on in (("bn", self.scale), ("res", self.residual), ("relu", self.relu)) if on)
+        return "_".join(n for n, on in (("bn", self.scale), ("res", self.residual), ("relu", self.relu),
+                                        ("maxpool", self.pool is not None)) if on)
+
+
+def epilogue_out_shape(spec: ConvSpec, ep: Epilogue | None) -> tuple[int, int, int, int]:
+    """(N, O, Hp, Wp): the shape a layer with epilogue ``ep`` returns (the conv's
+    ``spec.out_shape``, max-pooled when ``ep.pool``)."""
+    if ep is None or ep.pool is None:
+        return spec.out_shape
+    k, s, p = ep.pool
+    Ho, Wo = spec.out_hw
+    return (spec.N, spec.O, (Ho + 2 * p - k) // s + 1, (Wo + 2 * p - k) // s + 1)
 
 
 @dataclass(frozen=True)
@@ -238,11 +259,11 @@ def dense_arrays(cw: ClusteredWeight | np.ndarray, groups: int, bias) -> ConvArr
 
 
 def with_epilogue(arrays: ConvArrays, scale=None, shift=None, residual: bool | None = None,
-                  relu: bool | None = None) -> ConvArrays:
+                  relu: bool | None = None, pool: tuple[int, int, int] | None = None) -> ConvArrays:
     """``arrays`` with an epilogue (see :class:`Epilogue`): ``scale`` / ``shift`` (O,) an
     affine map per output channel (``bias`` becomes bias * scale + shift and ``oscale`` the
     scale; composes with an affine map already there), ``residual`` / ``relu`` switched on or
-    off (None: unchanged)."""
+    off (None: unchanged), ``pool`` (kernel, stride, padding) a max-pool set (None: unchanged)."""
     ep = arrays.meta.get("epilogue") or Epilogue()
     tables = dict(arrays.arrays)
     if scale is not None or shift is not None:
@@ -253,8 +274,9 @@ def with_epilogue(arrays: ConvArrays, scale=None, shift=None, residual: bool | N
         tables.pop("oscale", None)
         old = arrays.arrays.get("oscale")
         tables["oscale"] = _f32(s if old is None else old.astype(np.float64) * s)
-        ep = Epilogue(True, ep.residual, ep.relu)
-    ep = Epilogue(ep.scale, ep.residual if residual is None else bool(residual), ep.relu if relu is None else bool(relu))
+        ep = Epilogue(True, ep.residual, ep.relu, ep.pool)
+    ep = Epilogue(ep.scale, ep.residual if residual is None else bool(residual), ep.relu if relu is None else bool(relu),
+                  ep.pool if pool is None else tuple(int(v) for v in pool))
     return ConvArrays(arrays.form, tables, {**arrays.meta, "epilogue": ep})
 
 
@@ -414,7 +436,8 @@ def _x(spec: ConvSpec):
 
 def out_stage(spec: ConvSpec, meta: dict, params: list, conv, bias):
     """The ``out`` compute (N, O, Ho, Wo) = act(conv(n, o, h, w) * oscale[o] + bias[o] +
-    residual[n, o, h, w]) with the :class:`Epilogue` of ``meta``. Returns (params, out, inputs):
+    residual[n, o, h, w]) with the :class:`Epilogue` of ``meta``; with a max-pool, ``out``
+    (N, O, Hp, Wp) is the maximum of that over each window. Returns (params, out, inputs):
     params + the ``oscale`` placeholder when scaled, and the extra runtime inputs (the residual
     placeholder) that follow ``x``."""
     from tvm import te, tirx
@@ -434,8 +457,30 @@ def out_stage(spec: ConvSpec, meta: dict, params: list, conv, bias):
             v = tirx.max(v, tirx.const(0.0, "float32"))
         return v
 
-    return params + ([oscale] if oscale is not None else []), te.compute(spec.out_shape, f, name="out"), \
-        ([res] if res is not None else [])
+    out = te.compute(spec.out_shape, f, name="out") if ep.pool is None else _max_pool(spec, ep.pool, f)
+    return params + ([oscale] if oscale is not None else []), out, ([res] if res is not None else [])
+
+
+def _max_pool(spec: ConvSpec, pool: tuple[int, int, int], f):
+    """``out`` (N, O, Hp, Wp): max of f(n, o, y, x) over each k x k window (stride s, padding
+    p). Out-of-range coordinates are clamped instead of masked: with p < k every window
+    overlaps the image, and a clamped coordinate lands inside its own window, so the maximum
+    is the one over the window's valid positions (and no branch or out-of-bounds read)."""
+    from tvm import te, tirx
+
+    k, s, p = pool
+    Ho, Wo = spec.out_hw
+
+    def g(n, o, h, w):
+        best = None
+        for i in range(k):
+            y = tirx.max(tirx.min(h * s - p + i, Ho - 1), 0)
+            for j in range(k):
+                v = f(n, o, y, tirx.max(tirx.min(w * s - p + j, Wo - 1), 0))
+                best = v if best is None else tirx.max(best, v)
+        return best
+
+    return te.compute(epilogue_out_shape(spec, Epilogue(pool=pool)), g, name="out")
 
 
 def shared_conv(spec: ConvSpec, meta: dict, P: int):

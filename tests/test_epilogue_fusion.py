@@ -11,7 +11,7 @@ pytest.importorskip("tvm")
 import kcompile  # noqa: E402
 from kcompile.compiler import compile_model  # noqa: E402
 from kcompile.kernels.plan import Geometry  # noqa: E402
-from kcompile.kernels.tvm_compute import ConvSpec, Epilogue, dense_arrays, with_epilogue  # noqa: E402
+from kcompile.kernels.tvm_compute import ConvSpec, Epilogue, dense_arrays, epilogue_out_shape, with_epilogue  # noqa: E402
 from test_tvm_pipeline import ResBlockNet, X, _close, _torch  # noqa: E402
 
 
@@ -23,7 +23,7 @@ def _run_layer(spec, arrays, x, *extra):
     lm = layer_module(spec, arrays, "llvm", 2)
     lib = tvm.compile(lm.mod, target=make_target("llvm", 2))
     dev = tvm.cpu()
-    out = tvm.runtime.tensor(np.zeros(spec.out_shape, np.float32), dev)
+    out = tvm.runtime.tensor(np.zeros(epilogue_out_shape(spec, arrays.meta.get("epilogue")), np.float32), dev)
     args = [x, *extra, *arrays.arrays.values()]
     lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in args], out)
     return out.numpy()
@@ -74,10 +74,58 @@ def test_resnet_block_chains_fused_and_exact():
     tags = {r["layer"]: r.get("epilogue") for r in run.layers}
     # stem: conv-BN-ReLU; c1: BN-ReLU; the add + ReLU after c2 and down goes to the conv
     # called later (down), c2's output being its residual
-    assert tags == {"stem": "relu", "c1": "bn_relu", "c2": None, "down": "res_relu"}
+    # (the stem's max-pool too: its full-size output is never written)
+    assert tags == {"stem": "relu_maxpool", "c1": "bn_relu", "c2": None, "down": "res_relu"}
     names = {gv.name_hint for gv in run.mod.get_global_vars()}
     assert {r["function"] for r in run.layers} <= names
     assert not any(n in names for n in ("kc_stem_dense", "kc_c1_shared", "kc_down_dense"))  # unfused copies dropped
+
+
+@pytest.mark.parametrize("pool,relu,hw", [
+    ((3, 2, 1), True, (9, 7)),    # resnet's stem pool, odd sizes
+    ((3, 2, 1), False, (8, 8)),   # negative values: clamped reads must not invent a 0
+    ((2, 2, 0), True, (9, 9)),    # the last row / column dropped by floor mode
+    ((3, 1, 1), False, (5, 6)),
+    ((5, 3, 2), False, (10, 7)),  # padding 2: windows hanging two rows over the edge
+])
+def test_out_stage_max_pool_matches_torch(pool, relu, hw):
+    """The pooled out stage = torch's max_pool2d of the epilogue's output, for windows that
+    hang over every edge."""
+    rng = np.random.default_rng(2)
+    H, W = hw
+    spec = ConvSpec(1, 3, H, W, 4, 3, 3, Geometry.make(1, 1, 1, 1))
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(4).astype(np.float32)
+    arrays = with_epilogue(dense_arrays(w, 1, bias), relu=relu, pool=pool)
+    assert arrays.meta["epilogue"].tag == ("relu_maxpool" if relu else "maxpool")
+    x = rng.standard_normal((1, 3, H, W)).astype(np.float32)
+    got = _run_layer(spec, arrays, x)
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(bias), padding=1)
+    if relu:
+        ref = torch.relu(ref)
+    k, s, p = pool
+    ref = torch.nn.functional.max_pool2d(ref, k, s, p).numpy()
+    assert got.shape == ref.shape == epilogue_out_shape(spec, arrays.meta["epilogue"])
+    _close(got, ref)
+
+
+def test_only_plain_max_pools_are_fused():
+    from tvm import relax
+
+    from kcompile.epilogue_fusion import _fusable_pool
+
+    x = relax.Var("x", relax.TensorType((1, 4, 8, 8), "float32"))
+    pool = relax.op.nn.max_pool2d
+    assert _fusable_pool(pool(x, 3, 2, 1).attrs) == (3, 2, 1)
+    assert _fusable_pool(pool(x, 2, 2, 0).attrs) == (2, 2, 0)
+    assert _fusable_pool(pool(x, 3, 2, 1, ceil_mode=True).attrs) is None
+    assert _fusable_pool(pool(x, (3, 2), 2, 1).attrs) is None
+    assert _fusable_pool(pool(x, 3, (2, 1), 1).attrs) is None
+    assert _fusable_pool(pool(x, 3, 2, (1, 0, 1, 0)).attrs) is None
+    assert _fusable_pool(pool(x, 3, 2, 1, dilation=2).attrs) is None
+    assert _fusable_pool(pool(x, 3, 2, 1, layout="NHWC").attrs) is None
+    with pytest.raises(ValueError, match="padding < kernel"):
+        Epilogue(pool=(2, 2, 2))
 
 
 class SharedOutputNet(nn.Module):
