@@ -1,6 +1,6 @@
 """Regenerate the README's "Performance" section from the recorded benchmark results.
 
-Reads benchmarks/results/{layer_suite*.json, tvm_layers*.json, resnet18_model.json,
+Reads benchmarks/results/{layer_suite*.json, tvm_layers*.json, resnet18_model*.json,
 onnx_sizes.json, kmeans_vs_sklearn.json} (whatever exists) and rewrites the text between
 ``<!-- performance:start -->`` and ``<!-- performance:end -->`` in README.md. Every number
 comes from those files; nothing is typed in by hand.
@@ -83,6 +83,15 @@ def model_table() -> list[str]:
             continue
         sp = statistics.median(r["speedup_vs_ort_dense_per_round"]) if base else float("nan")
         lines.append(f"| {r['backend']} | {r['median_ms']:.2f} | {sp:.2f}x | {r['peak_rss_mb']:.0f} | {r['rel_err']:.1e} |")
+    pair = _load("resnet18_model_pair.json")
+    if pair:
+        recs = {r["backend"]: r for r in pair["records"] if "median_ms" in r}
+        if "tvm-llvm" in recs and "ort-dense" in recs:
+            rs = recs["tvm-llvm"]["speedup_vs_ort_dense_per_round"]
+            lines += ["", f"The headline pair back to back, 2 threads ({_cpu(pair)}; `{pair['command']}`): tvm-llvm "
+                      f"{recs['tvm-llvm']['median_ms']:.2f} ms, onnxruntime dense {recs['ort-dense']['median_ms']:.2f} ms, "
+                      f"{statistics.median(rs):.2f}x (median of {len(rs)} per-round ratios, {min(rs):.2f}-{max(rs):.2f}; "
+                      f"{sum(v >= 2 for v in rs)} of {len(rs)} rounds at 2x or more)."]
     one = _load("resnet18_model_1thread.json")
     if one:
         recs = {r["backend"]: r for r in one["records"] if "median_ms" in r}
