@@ -26,7 +26,7 @@ from dataclasses import dataclass
 class _Chain:
     call: object       # the kernel's call_tir
     dead: tuple        # Vars of the chain before its last (the conv's, the add's): removed
-    last: object       # Var of the last fused op (the add or the relu): rebound to the fused call
+    last: object       # Var of the last fused op (the add, relu or max-pool): rebound to the fused call
     residual: object   # the residual operand (a Relax expr) or None
     relu: bool
     pool: tuple | None = None  # (kernel, stride, padding) of a fused max-pool
@@ -167,6 +167,7 @@ def fuse_conv_epilogues(mod, kernels: dict, target_kind: str, threads: int):
         drop.extend(ch.dead)
         entry.info["function"] = name
         entry.info["epilogue"] = tag
+        entry.info["output_shape"] = epilogue_out_shape(spec, ep)
     blocks = []
     for block in func.body.blocks:
         bindings = []

@@ -76,6 +76,8 @@ def test_resnet_block_chains_fused_and_exact():
     # called later (down), c2's output being its residual
     # (the stem's max-pool too: its full-size output is never written)
     assert tags == {"stem": "relu_maxpool", "c1": "bn_relu", "c2": None, "down": "res_relu"}
+    stem = next(r for r in run.layers if r["layer"] == "stem")
+    assert tuple(stem["output_shape"]) == (1, 8, 4, 4)  # 16x16 -> stem /2 -> max-pool /2
     names = {gv.name_hint for gv in run.mod.get_global_vars()}
     assert {r["function"] for r in run.layers} <= names
     assert not any(n in names for n in ("kc_stem_dense", "kc_c1_shared", "kc_down_dense"))  # unfused copies dropped
