@@ -158,8 +158,7 @@ def epilogue_out_shape(spec: ConvSpec, ep: Epilogue | None) -> tuple[int, int, i
     if ep is None or ep.pool is None:
         return spec.out_shape
     k, s, p = ep.pool
-    Ho, Wo = spec.out_hw
-    return (spec.N, spec.O, (Ho + 2 * p - k) // s + 1, (Wo + 2 * p - k) // s + 1)
+    return (spec.N, spec.O, *Geometry.make(s, p).out_hw(*spec.out_hw, k, k))
 
 
 @dataclass(frozen=True)
@@ -457,18 +456,18 @@ def out_stage(spec: ConvSpec, meta: dict, params: list, conv, bias):
             v = tirx.max(v, tirx.const(0.0, "float32"))
         return v
 
-    out = te.compute(spec.out_shape, f, name="out") if ep.pool is None else _max_pool(spec, ep.pool, f)
+    out = te.compute(spec.out_shape, f, name="out") if ep.pool is None else _max_pool(spec, ep, f)
     return params + ([oscale] if oscale is not None else []), out, ([res] if res is not None else [])
 
 
-def _max_pool(spec: ConvSpec, pool: tuple[int, int, int], f):
+def _max_pool(spec: ConvSpec, ep: Epilogue, f):
     """``out`` (N, O, Hp, Wp): max of f(n, o, y, x) over each k x k window (stride s, padding
     p). Out-of-range coordinates are clamped instead of masked: with p < k every window
     overlaps the image, and a clamped coordinate lands inside its own window, so the maximum
     is the one over the window's valid positions (and no branch or out-of-bounds read)."""
     from tvm import te, tirx
 
-    k, s, p = pool
+    k, s, p = ep.pool
     Ho, Wo = spec.out_hw
 
     def g(n, o, h, w):
@@ -480,7 +479,7 @@ def _max_pool(spec: ConvSpec, pool: tuple[int, int, int], f):
                 best = v if best is None else tirx.max(best, v)
         return best
 
-    return te.compute(epilogue_out_shape(spec, Epilogue(pool=pool)), g, name="out")
+    return te.compute(epilogue_out_shape(spec, ep), g, name="out")
 
 
 def shared_conv(spec: ConvSpec, meta: dict, P: int):

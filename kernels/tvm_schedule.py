@@ -28,7 +28,8 @@ form -- the blocking of a GEMM applied to a gather:
   stage-1 recomputation, balance of the parallel tasks over the threads) within the ISA's
   accumulator budget (:func:`acc_budget`); ``tvm_tune.search_tiles`` can time alternatives;
 - ``xpad`` (flat padded input) and ``out`` (valid columns + bias, and the layer's epilogue:
-  batch-norm scale, residual add, ReLU) are separate parallel, vectorised passes.
+  batch-norm scale, residual add, ReLU, max-pool) are separate parallel, vectorised passes
+  (a pooled ``out`` is left to LLVM's vectoriser: :func:`_schedule_out_llvm`).
 
 ``llvm``, ``filter`` / ``dense`` forms (and KSE's full channels): a direct conv with OB
 outputs x nv vectors of accumulators (up to ``DIRECT_REG_SHARE`` of the registers), the input vector of a tap
